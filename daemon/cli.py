@@ -1,0 +1,299 @@
+"""The `dpwatch` command: run, check, diagnose."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from .. import __version__
+from ..probes.registry import probe_names
+from .config import Config, ConfigError, parse_duration
+
+EX_USAGE = 64      # a bad flag, variable or config value
+EX_NOT_LOADED = 3  # probes could not be loaded (or a required probe is down)
+EX_SERVE = 4       # the HTTP listener could not start (e.g. the port is taken)
+
+log = logging.getLogger("dpwatch")
+
+DESCRIPTION = """\
+dpwatch watches a node's network datapath with eBPF: packet drops by kernel reason (and, in
+later probes, conntrack, MTU, softirq and DNS). It counts in kernel maps, serves Prometheus
+metrics, and answers "what is wrong with this node's network?" with a ranked report.
+
+commands:
+  run        start the daemon: HTTP on --listen with /metrics, /diagnose, /probes, /healthz, /readyz
+  check      preflight: detect kernel features, load every probe once, print a table, exit
+  diagnose   one-shot: load the probes, watch for --window, print the same report as /diagnose
+"""
+
+EPILOG = f"""\
+Every flag can also be set by an environment variable: DPWATCH_ plus the flag name in upper
+case with '-' as '_' (e.g. DPWATCH_LISTEN=127.0.0.1:9400, DPWATCH_STRICT=1). Flags win.
+
+examples:
+  dpwatch run                                # serve on 0.0.0.0:9400
+  curl -s localhost:9400/diagnose?window=5m  # what went wrong in the last 5 minutes
+  dpwatch check                              # which probes can load on this kernel, and why not
+  dpwatch diagnose --window 30s --format json
+
+probes: {', '.join(probe_names())}
+
+exit codes: 0 ok; diagnose: 1 warning, 2 critical; {EX_NOT_LOADED} probes could not load
+(or a --require'd probe is down, or --strict and any probe is down); {EX_SERVE} cannot
+listen; {EX_USAGE} bad usage.
+"""
+
+
+def _env(name: str, default=None):
+    return os.environ.get("DPWATCH_" + name.upper().replace("-", "_"), default)
+
+
+def _env_bool(name: str) -> bool:
+    value = _env(name)
+    if value is None:
+        return False
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"DPWATCH_{name.upper().replace('-', '_')}: {value!r} is not a boolean (use 1/0, true/false)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors exit with our usage code
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("probes")
+    g.add_argument("--probes", default=_env("probes", "all"),
+                   help="comma-separated probes to enable, or 'all' (default: %(default)s)")
+    g.add_argument("--disable", default=_env("disable", ""),
+                   help="comma-separated probes to turn off")
+    g.add_argument("--require", default=_env("require", ""),
+                   help="comma-separated probes that must load; `check` and `run` fail without them")
+    g.add_argument("--strict", action="store_true", default=None,
+                   help="treat any probe that cannot load as fatal (exit non-zero)")
+    g.add_argument("--drops-rate-warning", type=float, default=float(_env("drops-rate-warning", d.drops_rate_warning)),
+                   help="drops/s over the window that raise drops.top_reasons (default: %(default)s)")
+    g.add_argument("--drops-rate-critical", type=float, default=float(_env("drops-rate-critical", d.drops_rate_critical)),
+                   help="drops/s that make a drops finding critical (default: %(default)s)")
+    g.add_argument("--drops-location-entries", type=int, default=int(_env("drops-location-entries", d.drops_location_entries)),
+                   help="LRU entries of drop locations kept in kernel; 0 turns it off (default: %(default)s)")
+    o = common.add_argument_group("output")
+    o.add_argument("--log-level", default=_env("log-level", d.log_level),
+                   help="debug, info, warning or error (default: %(default)s)")
+
+    parser = _Parser(prog="dpwatch", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dpwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[common], help="start the daemon",
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    run.add_argument("--listen", default=_env("listen", d.listen),
+                     help="HOST:PORT for HTTP (default: %(default)s)")
+    run.add_argument("--snapshot-interval", default=_env("snapshot-interval", "5s"),
+                     help="how often the maps are snapshotted for /diagnose windows (default: %(default)s)")
+    run.add_argument("--max-window", default=_env("max-window", "1h"),
+                     help="longest ?window= served; bounds the snapshot ring (default: %(default)s)")
+    run.add_argument("--window", default=_env("window", "60s"),
+                     help="default /diagnose window (default: %(default)s)")
+
+    sub.add_parser("check", parents=[common], help="preflight: which probes load here, and why not",
+                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+
+    diag = sub.add_parser("diagnose", parents=[common], help="one-shot triage report",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    diag.add_argument("--window", default=_env("window", "10s"),
+                      help="how long to watch before reporting (default: %(default)s)")
+    diag.add_argument("--format", choices=("text", "json"), default=_env("format", "text"),
+                      help="report format (default: %(default)s)")
+    return parser
+
+
+def config_from_args(args) -> Config:
+    cfg = Config(
+        probes=args.probes, disable=args.disable, require=args.require,
+        strict=bool(args.strict) if args.strict is not None else _env_bool("strict"),
+        drops_rate_warning=args.drops_rate_warning, drops_rate_critical=args.drops_rate_critical,
+        drops_location_entries=args.drops_location_entries, log_level=args.log_level,
+    )
+    if args.command == "run":
+        cfg.listen = args.listen
+        cfg.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")
+        cfg.max_window = parse_duration(args.max_window, "--max-window")
+        cfg.default_window = parse_duration(args.window, "--window")
+    elif args.command == "diagnose":
+        cfg.report_format = args.format
+        seconds = parse_duration(args.window, "--window")
+        cfg.default_window = max(1.0, seconds)
+        cfg.max_window = max(cfg.default_window, cfg.snapshot_interval)
+    return cfg.validate()
+
+
+def _load_failures(daemon, cfg) -> list:
+    return daemon.manager.failures(required_only=not cfg.strict)
+
+
+def cmd_check(cfg) -> int:
+    from .service import Daemon
+    daemon = Daemon(cfg)
+    try:
+        daemon.load()
+        f = daemon.features
+        print(f"kernel {f.kernel_release} ({f.machine})  tracefs={f.tracefs or 'missing'}  "
+              f"btf={'yes' if f.btf else 'no'}  kprobes={'yes' if f.kprobes else 'no'}  "
+              f"fentry={'yes' if f.fentry else 'no'}  kfree_skb.reason={'yes' if f.kfree_skb_reason else 'no'}")
+        if not f.kprobes:
+            print(f"  kprobes: {f.kprobes_reason}")
+        if not f.fentry:
+            print(f"  fentry: {f.fentry_reason}")
+        print(f"  {f.headers_note}")
+        print(f"  compile: {daemon.manager.compile_seconds:.2f}s in {daemon.manager.compiles} compile(s)")
+        print()
+        rows = [("PROBE", "MODE", "STATE", "REQUIRED", "REASON")]
+        for st in daemon.manager.status.values():
+            rows.append((st.name, st.mode or "-", st.state.value, "yes" if st.required else "no", st.reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+        bad = _load_failures(daemon, cfg)
+        if bad:
+            print(f"\nFAILED: {', '.join(s.name for s in bad)} cannot load", file=sys.stderr)
+            return EX_NOT_LOADED
+        return 0
+    finally:
+        daemon.stop()
+
+
+def cmd_diagnose(cfg) -> int:
+    from .service import Daemon
+    from .triage import EXIT_CODES, build_report, render_text
+    daemon = Daemon(cfg)
+    stop = {"now": False}
+
+    def _sig(*_):
+        stop["now"] = True
+    signal.signal(signal.SIGTERM, _sig)
+    try:
+        daemon.load()
+        if _load_failures(daemon, cfg) or not daemon.ready:
+            for st in daemon.manager.failures():
+                print(f"dpwatch: probe {st.name} {st.state.value}: {st.reason}", file=sys.stderr)
+            if not daemon.ready or _load_failures(daemon, cfg):
+                return EX_NOT_LOADED
+        deadline = time.monotonic() + cfg.default_window
+        try:
+            while not stop["now"] and time.monotonic() < deadline:
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        except KeyboardInterrupt:
+            pass
+        report = build_report(daemon.manager, daemon.ring, cfg.default_window, daemon.features)
+        if cfg.report_format == "json":
+            print(json.dumps(report, indent=2))
+        else:
+            sys.stdout.write(render_text(report))
+        return EXIT_CODES[report["status"]]
+    finally:
+        daemon.stop()
+
+
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process
+        before the probes are detached and make it exit 143. Handle the signals here instead:
+        stop serving, then return so the caller detaches the probes and exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return _Server
+
+
+def cmd_run(cfg) -> int:
+    import uvicorn
+    from .app import create_app
+    from .config import parse_listen
+    from .service import Daemon
+
+    daemon = Daemon(cfg)
+    daemon.load()
+    bad = _load_failures(daemon, cfg)
+    if bad:
+        for st in bad:
+            log.error("probe %s %s: %s", st.name, st.state.value, st.reason)
+        log.error("exiting: %s", "--strict and a probe is down" if cfg.strict else "a required probe is down")
+        daemon.stop()
+        return EX_NOT_LOADED
+    daemon.start_sampler()
+    _Server = _server_class()
+    host, port = parse_listen(cfg.listen)
+    app = create_app(daemon)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           access_log=False, lifespan="off"))
+    log.info("serving on http://%s:%d (/metrics /diagnose /probes /healthz /readyz)", host, port)
+    try:
+        server.run()  # handles SIGTERM and SIGINT: stops accepting, finishes requests
+    except SystemExit:
+        pass  # uvicorn exits this way when it cannot bind; reported below
+    finally:
+        daemon.stop()
+        log.info("stopped: probes detached")
+    if not server.started:
+        log.error("could not serve HTTP on %s (see the error above)", cfg.listen)
+        return EX_SERVE
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except ValueError as exc:  # a DPWATCH_* variable that is not a number
+        print(f"dpwatch: error: bad DPWATCH_* environment value: {exc}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if not args.command:
+        parser.print_help()
+        return EX_USAGE
+    try:
+        cfg = config_from_args(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"dpwatch: error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("dpwatch: warning: not root; loading BPF needs CAP_BPF, CAP_PERFMON and "
+              "CAP_SYS_ADMIN (or root)", file=sys.stderr)
+    if args.command == "check":
+        return cmd_check(cfg)
+    if args.command == "diagnose":
+        return cmd_diagnose(cfg)
+    return cmd_run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Configuration: one dataclass, filled from flags or DPWATCH_* environment variables.
+
+Every value is validated here, so a bad flag or variable names the problem and the process
+exits non-zero before anything touches the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from ..probes.registry import probe_names
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str, name: str = "duration") -> float:
+    """'30s', '5m', '1h', '500ms', '90' (seconds) -> seconds. Raises ConfigError."""
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"{name}: {text!r} is not a duration; use a number with a unit "
+                          "such as 500ms, 30s, 5m or 1h")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """'0.0.0.0:9400', ':9400', '[::]:9400', '127.0.0.1:0' -> (host, port)."""
+    m = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$", text.strip())
+    if not m:
+        raise ConfigError(f"--listen: {text!r} is not HOST:PORT (e.g. 0.0.0.0:9400 or [::]:9400)")
+    port = int(m.group("port"))
+    if port > 65535:
+        raise ConfigError(f"--listen: port {port} is out of range 0-65535")
+    host = m.group("v6") or m.group("host") or "0.0.0.0"
+    return host, port
+
+
+def parse_probe_list(text: str | list[str], flag: str) -> list[str]:
+    items = text if isinstance(text, list) else [p for p in re.split(r"[,\s]+", text) if p]
+    known = probe_names()
+    bad = [p for p in items if p not in known and p != "all"]
+    if bad:
+        raise ConfigError(f"{flag}: unknown probe(s) {', '.join(bad)}; known: {', '.join(known)}")
+    if "all" in items:
+        return list(known)
+    return items
+
+
+@dataclass
+class Config:
+    listen: str = "0.0.0.0:9400"
+    probes: list[str] = field(default_factory=probe_names)
+    disable: list[str] = field(default_factory=list)
+    require: list[str] = field(default_factory=list)
+    strict: bool = False
+    snapshot_interval: float = 5.0
+    max_window: float = 3600.0
+    default_window: float = 60.0
+    drops_rate_warning: float = 50.0
+    drops_rate_critical: float = 1000.0
+    drops_location_entries: int = 1024
+    drops_other_entries: int = 256
+    log_level: str = "info"
+    report_format: str = "text"  # `dpwatch diagnose --format`
+
+    def validate(self) -> "Config":
+        parse_listen(self.listen)
+        self.probes = parse_probe_list(self.probes, "--probes")
+        self.disable = parse_probe_list(self.disable, "--disable")
+        self.require = parse_probe_list(self.require, "--require")
+        off = [p for p in self.require if p in self.disable or p not in self.probes]
+        if off:
+            raise ConfigError(f"--require: probe(s) {', '.join(off)} are required but not enabled")
+        if not 0.2 <= self.snapshot_interval <= 300:
+            raise ConfigError(f"--snapshot-interval: {self.snapshot_interval}s is outside 0.2s..300s")
+        if not self.snapshot_interval <= self.max_window <= 7 * 86400:
+            raise ConfigError(f"--max-window: {self.max_window}s must be between the snapshot "
+                              "interval and 7d")
+        if not 1 <= self.default_window <= self.max_window:
+            raise ConfigError(f"--window: {self.default_window}s must be between 1s and "
+                              f"--max-window ({self.max_window:g}s)")
+        if self.drops_rate_warning <= 0 or self.drops_rate_critical < self.drops_rate_warning:
+            raise ConfigError("--drops-rate-warning must be > 0 and <= --drops-rate-critical")
+        if not 0 <= self.drops_location_entries <= 65536:
+            raise ConfigError("--drops-location-entries must be within 0..65536 (0 turns it off)")
+        if not 1 <= self.drops_other_entries <= 65536:
+            raise ConfigError("--drops-other-entries must be within 1..65536")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"--log-level: {self.log_level!r} is not debug, info, warning or error")
+        return self
+
+    @property
+    def enabled_probes(self) -> list[str]:
+        return [p for p in self.probes if p not in self.disable]
+
+    @property
+    def ring_size(self) -> int:
+        """Snapshots kept: enough to cover max_window, plus one."""
+        return int(self.max_window / self.snapshot_interval) + 2
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

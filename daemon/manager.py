@@ -1,0 +1,271 @@
+"""The probe manager: choose modes, compile every enabled probe into ONE BPF module, attach,
+collect, close.
+
+Isolation: a probe whose hooks are missing is "unsupported" before anything is compiled. If
+the single compile fails, each probe is compiled alone to find the culprit(s), which are
+marked "failed" with the compiler's message, and the rest are compiled together once more.
+A probe whose attach fails is "failed" and the others keep running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from ..probes.base import Probe, State
+from ..probes.registry import PROBES
+
+log = logging.getLogger("dpwatch.manager")
+
+COMMON_HEADER = "dpwatch.h"
+
+
+@dataclass
+class ProbeStatus:
+    name: str
+    state: State
+    mode: str | None = None
+    reason: str = ""
+    hooks: list[str] = field(default_factory=list)
+    required: bool = False
+    description: str = ""
+
+    def as_dict(self, probe: Probe | None = None) -> dict[str, Any]:
+        out = {"name": self.name, "state": self.state.value, "mode": self.mode,
+               "reason": self.reason, "hooks": self.hooks, "required": self.required,
+               "description": self.description}
+        if probe is not None and self.state in (State.ATTACHED, State.DEGRADED):
+            try:
+                out["info"] = probe.info()
+            except Exception as exc:  # info must never break /probes
+                out["info"] = {"error": str(exc)}
+        return out
+
+
+def bpf_text(name: str) -> str:
+    return resources.files("dpwatch.bpf").joinpath(name).read_text(encoding="utf-8")
+
+
+def malloc_trim() -> None:
+    """Give the compiler's freed heap back to the OS (clang leaves ~60 MB behind)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _CapturedStderr:
+    """Capture fd 2 while BCC compiles, so compiler errors can be reported per probe."""
+
+    def __enter__(self):
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+        return False
+
+
+def _compiler_errors(text: str, limit: int = 3) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+    return " | ".join(lines[:limit]) if lines else (text.strip().splitlines() or ["compile failed"])[-1]
+
+
+class ProbeManager:
+    def __init__(self, config, features, probe_classes: tuple[type[Probe], ...] = PROBES):
+        self.config = config
+        self.features = features
+        self.probes: dict[str, Probe] = {cls.name: cls(config) for cls in probe_classes}
+        self.status: dict[str, ProbeStatus] = {}
+        self.module = None
+        self.error_slots: list[tuple[str, str]] = []  # index -> (probe, map or stage)
+        self.collect_errors: dict[str, int] = {}
+        self.compile_seconds = 0.0
+        self.compiles = 0
+        self.loaded = False
+        self._lock = threading.Lock()
+
+    # -- planning -------------------------------------------------------------------
+    def plan(self) -> None:
+        enabled = set(self.config.enabled_probes)
+        required = set(self.config.require)
+        for name, probe in self.probes.items():
+            st = ProbeStatus(name=name, state=State.DISABLED, required=name in required,
+                             description=probe.description)
+            self.status[name] = st
+            if name not in enabled:
+                st.reason = "disabled by configuration"
+                continue
+            mode, why = probe.choose_mode(self.features)
+            if mode is None:
+                st.state, st.reason = State.UNSUPPORTED, why
+                continue
+            probe.mode = mode
+            st.mode, st.reason = mode.name, why
+            st.hooks = [str(h) for h in mode.hooks]
+            st.state = State.DEGRADED if mode.degraded else State.ATTACHED  # provisional
+            if probe.bpf_source and not self.features.bcc:
+                st.state, st.reason = State.FAILED, self.features.bcc_reason
+
+    def _pending_bpf(self) -> list[Probe]:
+        return [p for n, p in self.probes.items()
+                if p.bpf_source and self.status[n].state in (State.ATTACHED, State.DEGRADED)]
+
+    # -- loading --------------------------------------------------------------------
+    def _cflags_and_text(self, probes: list[Probe]) -> tuple[list[str], str]:
+        slots: list[tuple[str, str]] = []
+        flags: list[str] = []
+        parts = [bpf_text(COMMON_HEADER)]
+        for probe in probes:
+            for macro, mapname in probe.error_slots.items():
+                flags.append(f"-D{macro}={len(slots)}")
+                slots.append((probe.name, mapname))
+            flags += probe.cflags(self.features)
+            parts.append(f"/* ---- probe {probe.name}: bpf/{probe.bpf_source} ---- */\n"
+                         + bpf_text(probe.bpf_source))
+        flags.insert(0, f"-DDPW_ERR_SLOTS={max(1, len(slots))}")
+        self.error_slots = slots
+        return flags, "\n".join(parts)
+
+    def _compile(self, probes: list[Probe]):
+        from bcc import BPF  # imported late: bcc reads the tracefs location at import
+
+        class _Module(BPF):
+            def _trace_autoload(self):  # each probe attaches its own hooks, one by one
+                return None
+
+        flags, text = self._cflags_and_text(probes)
+        start = time.monotonic()
+        with _CapturedStderr() as cap:
+            try:
+                module = _Module(text=text, cflags=flags)
+                error = None
+            except Exception as exc:
+                module, error = None, exc
+        self.compile_seconds += time.monotonic() - start
+        self.compiles += 1
+        if cap.text.strip():
+            log.debug("compiler output:\n%s", cap.text)
+        if module is None:
+            return None, f"{error}: {_compiler_errors(cap.text)}"
+        return module, None
+
+    def load(self) -> None:
+        if not self.status:
+            self.plan()
+        probes = self._pending_bpf()
+        if probes:
+            module, err = self._compile(probes)
+            if module is None and len(probes) > 1:
+                log.warning("combined compile failed (%s); compiling each probe alone to find the cause", err)
+                good = []
+                for probe in probes:
+                    single, perr = self._compile([probe])
+                    if single is None:
+                        self._fail(probe.name, f"compile failed: {perr}")
+                    else:
+                        single.cleanup()
+                        good.append(probe)
+                module, err = self._compile(good) if good else (None, None)
+                probes = good
+            if module is None:
+                for probe in probes:
+                    self._fail(probe.name, f"compile failed: {err}")
+            self.module = module
+            malloc_trim()
+        for name, probe in self.probes.items():
+            st = self.status[name]
+            if st.state not in (State.ATTACHED, State.DEGRADED):
+                continue
+            try:
+                probe.attach(self.module)
+            except Exception as exc:
+                log.warning("probe %s failed to attach: %s", name, exc)
+                self._fail(name, f"attach failed: {exc}")
+        self.loaded = True
+
+    def _fail(self, name: str, reason: str) -> None:
+        st = self.status[name]
+        st.state, st.reason = State.FAILED, reason
+        probe = self.probes[name]
+        try:
+            probe.close()
+        except Exception:
+            pass
+
+    # -- queries --------------------------------------------------------------------
+    def active(self) -> dict[str, Probe]:
+        return {n: p for n, p in self.probes.items()
+                if self.status.get(n) and self.status[n].state in (State.ATTACHED, State.DEGRADED)}
+
+    def failures(self, required_only: bool = False) -> list[ProbeStatus]:
+        bad = (State.FAILED, State.UNSUPPORTED)
+        return [s for s in self.status.values()
+                if s.state in bad and (s.required or not required_only)]
+
+    def collect(self) -> dict[str, Any]:
+        """Fresh cumulative readings of every active probe, plus the manager's own counters."""
+        with self._lock:
+            readings: dict[str, Any] = {}
+            for name, probe in self.active().items():
+                try:
+                    readings[name] = probe.collect()
+                except Exception as exc:
+                    self.collect_errors[name] = self.collect_errors.get(name, 0) + 1
+                    log.warning("probe %s collect failed: %s", name, exc)
+            readings["_manager"] = {"counters": {"map_update_errors": self._read_errors(),
+                                                 "collect_errors": dict(self.collect_errors)},
+                                    "gauges": {}}
+            return readings
+
+    def _read_errors(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {slot: 0 for slot in self.error_slots}
+        if self.module is None or not self.error_slots:
+            return out
+        try:
+            table = self.module["dpw_errors"]
+            for i, slot in enumerate(self.error_slots):
+                out[slot] = int(sum(table[table.Key(i)]))
+        except Exception as exc:
+            log.debug("reading dpw_errors failed: %s", exc)
+        return out
+
+    def background(self) -> None:
+        for name, probe in self.active().items():
+            try:
+                probe.background()
+            except Exception as exc:
+                log.debug("probe %s background work failed: %s", name, exc)
+
+    def statuses(self) -> list[dict[str, Any]]:
+        return [st.as_dict(self.probes.get(n)) for n, st in self.status.items()]
+
+    def close(self) -> None:
+        with self._lock:
+            for probe in self.probes.values():
+                try:
+                    probe.close()
+                except Exception:
+                    pass
+            if self.module is not None:
+                try:
+                    self.module.cleanup()
+                except Exception as exc:
+                    log.debug("cleanup failed: %s", exc)
+                self.module = None

@@ -1,0 +1,68 @@
+"""The running daemon: feature detection, the probe manager, the snapshot ring and the
+sampler thread. The HTTP app and the one-shot CLI commands both drive this."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from . import features as features_mod
+from . import tracefs
+from .manager import ProbeManager
+from .snapshots import SnapshotRing
+
+log = logging.getLogger("dpwatch.service")
+
+
+class Daemon:
+    def __init__(self, config):
+        self.config = config
+        self.features = None
+        self.manager: ProbeManager | None = None
+        self.ring = SnapshotRing(config.ring_size)
+        self.started_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def load(self) -> None:
+        path, note = tracefs.ensure_mounted()
+        log.info("%s", note)
+        self.features = features_mod.detect()
+        if self.features.headers_note and "not the running" in self.features.headers_note:
+            log.warning("%s", self.features.headers_note)
+        self.manager = ProbeManager(self.config, self.features)
+        self.manager.plan()
+        self.manager.load()
+        for st in self.manager.status.values():
+            log.info("probe %-10s %-11s mode=%s %s", st.name, st.state.value, st.mode, st.reason)
+        self.snapshot()  # the baseline every window starts from until the ring fills
+
+    def snapshot(self) -> None:
+        self.ring.append(self.manager.collect())
+
+    def start_sampler(self) -> None:
+        self._sampler = threading.Thread(target=self._sample_loop, name="dpwatch-sampler", daemon=True)
+        self._sampler.start()
+
+    def _sample_loop(self) -> None:
+        interval = self.config.snapshot_interval
+        next_at = time.monotonic() + interval
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            next_at += interval
+            try:
+                self.snapshot()
+                self.manager.background()
+            except Exception:
+                log.exception("snapshot failed")
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.manager and self.manager.loaded and self.manager.active())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join(timeout=2)
+        if self.manager is not None:
+            self.manager.close()
