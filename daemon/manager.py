@@ -138,7 +138,7 @@ class ProbeManager:
                 slots.append((probe.name, mapname))
             flags += probe.cflags(self.features)
             parts.append(f"/* ---- probe {probe.name}: bpf/{probe.bpf_source} ---- */\n"
-                         + bpf_text(probe.bpf_source))
+                         + probe.source_text())
         flags.insert(0, f"-DDPW_ERR_SLOTS={max(1, len(slots))}")
         self.error_slots = slots
         return flags, "\n".join(parts)
@@ -154,7 +154,7 @@ class ProbeManager:
         start = time.monotonic()
         with _CapturedStderr() as cap:
             try:
-                module = _Module(text=text, cflags=flags)
+                module = _Module(text=text.encode(), cflags=flags)
                 error = None
             except Exception as exc:
                 module, error = None, exc
@@ -239,7 +239,7 @@ class ProbeManager:
         if self.module is None or not self.error_slots:
             return out
         try:
-            table = self.module["dpw_errors"]
+            table = self.module[b"dpw_errors"]
             for i, slot in enumerate(self.error_slots):
                 out[slot] = int(sum(table[table.Key(i)]))
         except Exception as exc:

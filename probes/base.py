@@ -127,6 +127,15 @@ class Probe:
     def cflags(self, features) -> list[str]:
         return []
 
+    def table(self, name: str):
+        """A BCC map of the loaded module (BCC wants bytes names)."""
+        return self.module[name.encode()]
+
+    def source_text(self) -> str:
+        """The probe's BCC C source (package data bpf/<bpf_source>)."""
+        from importlib import resources
+        return resources.files("dpwatch.bpf").joinpath(self.bpf_source).read_text(encoding="utf-8")
+
     # -- lifecycle --------------------------------------------------------------
     def attach(self, module) -> None:
         """Attach the mode's kernel hooks. BCC function names follow its conventions:
@@ -136,12 +145,13 @@ class Probe:
         for hook in self.mode.hooks if self.mode else ():
             if hook.kind == "tracepoint":
                 system, event = hook.target.split(":")
-                module.attach_tracepoint(tp=hook.target, fn_name=f"tracepoint__{system}__{event}")
+                module.attach_tracepoint(tp=hook.target.encode(),
+                                         fn_name=f"tracepoint__{system}__{event}".encode())
             elif hook.kind == "raw_tracepoint":
                 event = hook.target.split(":")[-1]
-                module.attach_raw_tracepoint(tp=event, fn_name=f"raw_tracepoint__{event}")
+                module.attach_raw_tracepoint(tp=event.encode(), fn_name=f"raw_tracepoint__{event}".encode())
             elif hook.kind == "kprobe":
-                module.attach_kprobe(event=hook.target, fn_name=f"kprobe__{hook.target}")
+                module.attach_kprobe(event=hook.target.encode(), fn_name=f"kprobe__{hook.target}".encode())
             else:
                 continue
             self._attached.append(hook)
@@ -152,11 +162,11 @@ class Probe:
         for hook in reversed(getattr(self, "_attached", [])):
             try:
                 if hook.kind == "tracepoint":
-                    module.detach_tracepoint(tp=hook.target)
+                    module.detach_tracepoint(tp=hook.target.encode())
                 elif hook.kind == "raw_tracepoint":
-                    module.detach_raw_tracepoint(tp=hook.target.split(":")[-1])
+                    module.detach_raw_tracepoint(tp=hook.target.split(":")[-1].encode())
                 elif hook.kind == "kprobe":
-                    module.detach_kprobe(event=hook.target)
+                    module.detach_kprobe(event=hook.target.encode())
             except Exception:
                 pass
         self._attached = []

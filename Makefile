@@ -1,0 +1,39 @@
+# dpwatch: the two commands a fresh Debian 12 machine needs (as root) are `make run` and
+# `make test`. Both set up first (deploy/setup.sh is idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+LISTEN ?= 0.0.0.0:9400
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test run check test test-unit test-kernel test-e2e test-kernels bench clean
+
+setup:
+	bash deploy/setup.sh
+
+setup-test:
+	bash deploy/setup.sh --test
+
+run: setup
+	$(VENV)/bin/dpwatch run --listen $(LISTEN)
+
+check: setup
+	$(VENV)/bin/dpwatch check
+
+# The whole suite: unit, kernel (real BPF) and end-to-end (the real daemon, real traffic).
+test: setup-test
+	$(PYTEST) -v -rs --durations=15 $(PYTEST_ARGS) tests/unit tests/kernel tests/e2e
+
+test-unit: setup-test
+	$(PYTEST) -v $(PYTEST_ARGS) tests/unit
+
+test-kernel: setup-test
+	$(PYTEST) -v -rs $(PYTEST_ARGS) tests/kernel
+
+test-e2e: setup-test
+	$(PYTEST) -v -rs $(PYTEST_ARGS) tests/e2e
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

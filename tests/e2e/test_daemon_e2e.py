@@ -1,0 +1,229 @@
+"""End-to-end tier: the real `dpwatch run` process in a "node" netns, real traffic from a
+"pod" netns over veth, and HTTP requests to /metrics, /diagnose, /probes, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from netlab import Lab, closed_udp_port, drain, http_get, in_netns, socket_in, udp_send
+
+PORT = 9400
+
+
+class DaemonProc:
+    def __init__(self, dpwatch_bin: str, ns: str, port: int = PORT, *extra: str):
+        self.ns, self.port = ns, port
+        self.log = open(f"/tmp/dpwatch-e2e-{ns}-{port}.log", "w+")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}",
+             "--snapshot-interval", "1s", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+    def get(self, path: str, headers: dict | None = None):
+        return http_get(self.ns, "127.0.0.1", self.port, path, headers)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def net():
+    with Lab(pods=1) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def daemon(net, dpwatch_bin):
+    d = DaemonProc(dpwatch_bin, net.node)
+    try:
+        d.wait_ready()
+        yield d
+    finally:
+        d.stop()
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_no_socket_drops_counted_over_http(daemon, net):
+    status, headers, text = daemon.get("/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    before = metric(text, "dpwatch_skb_drops_total", reason="NO_SOCKET", protocol="ipv4")
+    port = closed_udp_port(net.node)
+    sent = udp_send(net.pod.ns, net.pod.node_ip4, port, 300)
+    time.sleep(0.3)
+    after = metric(daemon.get("/metrics")[2], "dpwatch_skb_drops_total", reason="NO_SOCKET", protocol="ipv4")
+    assert sent == 300
+    assert 300 <= after - before <= 320
+
+
+def test_metrics_without_redirect_and_promtool(daemon):
+    status, headers, text = daemon.get("/metrics")
+    assert status == 200  # served at /metrics itself, not a redirect to /metrics/
+    assert 'dpwatch_probe_up{mode="tracepoint",probe="drops"} 1.0' in text
+    assert re.search(r'dpwatch_build_info\{kernel="[^"]+",version="[^"]+"\} 1\.0', text)
+    assert "_created" not in text
+    res = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+def test_rcvbuf_finding_in_text_and_json(daemon, net):
+    rx = socket_in(net.node, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        in_netns(net.node, lambda: rx.bind((net.pod.node_ip4, 0)))
+        sent = udp_send(net.pod.ns, net.pod.node_ip4, rx.getsockname()[1], 3000, payload=b"q" * 512)
+        queued = drain(rx)
+    finally:
+        rx.close()
+    expected = sent - queued
+    time.sleep(0.2)
+
+    status, headers, body = daemon.get("/diagnose?window=5m")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    assert "drops.socket_receive_buffer" in body
+    assert "STATUS: " in body
+    assert "$ sysctl -w net.core.rmem_max=" in body
+
+    status, headers, body = daemon.get("/diagnose?window=5m", {"Accept": "application/json"})
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    report = json.loads(body)
+    assert set(report) >= {"node", "kernel", "generated_at", "window_seconds", "status", "findings", "probes"}
+    assert report["status"] in ("warning", "critical")
+    ids = [f["id"] for f in report["findings"]]
+    assert "drops.socket_receive_buffer" in ids
+    f = report["findings"][ids.index("drops.socket_receive_buffer")]
+    assert f["severity"] in ("warning", "critical") and f["probe"] == "drops"
+    assert f["evidence"]["drops"] >= expected  # earlier tests' drops may be in the window too
+    assert f["evidence"]["by_protocol"]["ipv4"] == f["evidence"]["drops"]
+    assert any(r.startswith("sysctl -w net.core.rmem_max=") for r in f["remediation"])
+    assert f["evidence"]["top_locations"] and f["evidence"]["top_locations"][0]["reason"] == "SOCKET_RCVBUFF"
+    # The most specific, most actionable finding is first: severity, then impact.
+    sev = {"info": 0, "warning": 1, "critical": 2}
+    ranks = [(sev[x["severity"]], x["impact"]) for x in report["findings"]]
+    assert ranks == sorted(ranks, reverse=True)
+    assert report["findings"][0]["id"] == "drops.socket_receive_buffer"
+
+    # Same via ?format=json, and the window is real: at most what the daemon has been up.
+    status, _, body = daemon.get("/diagnose?format=json&window=30s")
+    assert status == 200
+    assert 0 < json.loads(body)["window_seconds"] <= 31
+
+
+@pytest.mark.parametrize("query", ["window=abc", "window=-5s", "window=10y", "format=xml",
+                                   "window=0s", "window=2h", "window=", "window=5m&format=yaml"])
+def test_bad_parameters_get_4xx(daemon, query):
+    status, headers, body = daemon.get(f"/diagnose?{query}")
+    if query == "window=":
+        assert status == 200  # empty means the default window
+        return
+    assert 400 <= status < 500, (status, body)
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]
+
+
+def test_probes_health_and_ready(daemon):
+    status, _, body = daemon.get("/probes")
+    assert status == 200
+    data = json.loads(body)
+    drops = next(p for p in data["probes"] if p["name"] == "drops")
+    assert drops["state"] == "attached" and drops["mode"] == "tracepoint"
+    assert drops["hooks"] == ["tracepoint:skb:kfree_skb", "tracepoint_field:skb:kfree_skb:reason"]
+    assert drops["info"]["reason_name_source"].startswith("tracefs")
+    assert data["features"]["kfree_skb_reason"] is True
+    assert daemon.get("/healthz")[0] == 200
+    assert daemon.get("/readyz")[0] == 200
+    assert daemon.get("/nope")[0] == 404
+
+
+def _dpwatch_prog_count() -> int:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
+    progs = json.loads(out.stdout or "[]")
+    # BCC names a tracepoint program after its function minus the "tracepoint__" prefix.
+    return sum(1 for p in progs if p.get("name") == "skb__kfree_skb" and p.get("type") == "tracepoint")
+
+
+def test_sigterm_exits_zero_and_detaches(net, dpwatch_bin, daemon):
+    before = _dpwatch_prog_count()
+    d = DaemonProc(dpwatch_bin, net.node, PORT + 1)
+    try:
+        d.wait_ready()
+        assert _dpwatch_prog_count() == before + 1
+        start = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        rc = d.proc.wait(10)
+        took = time.monotonic() - start
+    finally:
+        d.stop()
+    assert rc == 0, d.output() if not d.log.closed else rc
+    assert took < 5
+    assert _dpwatch_prog_count() == before
+
+
+def test_cli_check_and_diagnose(net, dpwatch_bin):
+    res = subprocess.run(["ip", "netns", "exec", net.node, dpwatch_bin, "check", "--require", "drops"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^drops\s+tracepoint\s+attached\s+yes", res.stdout, re.M), res.stdout
+
+    proc = subprocess.Popen(["ip", "netns", "exec", net.node, dpwatch_bin, "diagnose", "--window", "4s",
+                             "--format", "json", "--drops-rate-warning", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)  # compile done (~1.5 s); the watch has begun
+    port = closed_udp_port(net.node, socket.AF_INET6)
+    udp_send(net.pod.ns, net.pod.node_ip6, port, 400, family=socket.AF_INET6)
+    out, err = proc.communicate(timeout=120)
+    report = json.loads(out)
+    assert proc.returncode == {"ok": 0, "warning": 1, "critical": 2}[report["status"]]
+    top = next(f for f in report["findings"] if f["id"] == "drops.top_reasons")
+    reasons = {r["reason"]: r["drops"] for r in top["evidence"]["top_reasons"]}
+    assert reasons.get("NO_SOCKET", 0) >= 400, (reasons, err)
+
+
+def test_cli_bad_flag_exits_64(dpwatch_bin):
+    res = subprocess.run([dpwatch_bin, "run", "--listen", "nowhere"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 64
+    assert "--listen" in res.stderr
