@@ -6,6 +6,7 @@
  *   DROPS_OTHER_MAX     entries of the hash for larger reason values (subsystem reasons)
  *   DROPS_LOC_MAX       entries of the LRU of drop locations (0 turns it off)
  *   DROPS_HAVE_REASON   the tracepoint has the `reason` field (kernel 5.17+)
+ *   DROPS_CONSUMED      the value of reason CONSUMED on this kernel, when it has one
  *   DROPS_ERR_OTHER, DROPS_ERR_LOC  error slots in dpw_errors
  */
 #ifndef DROPS_MAX_REASON
@@ -77,6 +78,16 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     }
 
 #if DROPS_LOC_MAX > 0
+#ifdef DROPS_HAVE_REASON
+    /* Frees that are not drops (NOT_DROPPED_YET is 0; CONSUMED where the kernel traces it
+     * here) must not crowd real drop sites out of the location LRU. */
+    if (reason == 0)
+        return 0;
+#ifdef DROPS_CONSUMED
+    if (reason == DROPS_CONSUMED)
+        return 0;
+#endif
+#endif
     struct drops_loc_key lk = {};
     lk.location = (u64)args->location;
     lk.reason = reason;

@@ -34,16 +34,19 @@ class KallsymsResolver:
         return self.cached(addr) or f"0x{addr:x}"
 
     def resolve(self, addrs: Iterable[int]) -> dict[int, str]:
+        addrs = list(addrs)  # read twice below: a generator would give an empty answer
         wanted = sorted({a for a in addrs if a and self.cached(a) is None})
+        names: dict[int, str] = {}
         if wanted:
             found = self._scan(wanted)
             with self._lock:
                 for addr in wanted:
-                    self._cache[addr] = found.get(addr, f"0x{addr:x}")
+                    names[addr] = self._cache[addr] = found.get(addr, f"0x{addr:x}")
                     self._cache.move_to_end(addr)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        return {a: self.name(a) for a in addrs}
+        # Names found in this pass are answered even if a batch larger than the cache evicted them.
+        return {a: names.get(a) or self.name(a) for a in addrs}
 
     def _scan(self, wanted: list[int]) -> dict[int, str]:
         """One pass: for each wanted address keep the closest text symbol at or below it."""

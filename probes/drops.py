@@ -21,6 +21,8 @@ PROTOCOLS = ("ipv4", "ipv6", "arp", "other")  # index = protocol class in bpf/dr
 NOT_DROPS = frozenset({"NOT_DROPPED_YET", "CONSUMED"})
 MAX_DENSE_REASONS = 1024
 SUBSYS_SHIFT = 16  # enum skb_drop_reason_subsys: reason = (subsys << 16) | code
+# Reasons that get a finding of their own; drops.top_reasons ranks by the rest.
+SPECIFIC_REASONS = frozenset({"SOCKET_RCVBUFF", "TCP_LISTEN_OVERFLOW", "NETFILTER_DROP"})
 
 
 def load_reason_names(tracefs_path: str | None = None) -> tuple[dict[int, str], str]:
@@ -78,6 +80,9 @@ class DropsProbe(Probe):
             top = max(self.names, default=0)
             self.max_reason = max(1, min(MAX_DENSE_REASONS, top + 1))
             flags = ["-DDROPS_HAVE_REASON=1"]
+            consumed = [v for v, n in self.names.items() if n == "CONSUMED"]
+            if consumed:
+                flags.append(f"-DDROPS_CONSUMED={consumed[0]}")
         else:
             self.names, self.name_source = {0: "UNKNOWN"}, "no reason field on this kernel"
             self.max_reason = 1
@@ -92,8 +97,7 @@ class DropsProbe(Probe):
     # -- collection -----------------------------------------------------------------
     def collect(self) -> Reading:
         drops: dict[tuple[str, str], int] = {}
-        mod = self.module
-        counts = mod["drops_counts"]
+        counts = self.table("drops_counts")
         for key, per_cpu in counts.items():
             total = sum(per_cpu)
             if not total:
@@ -102,14 +106,14 @@ class DropsProbe(Probe):
             pclass, reason = divmod(idx, self.max_reason)
             k = (reason_name(self.names, reason), PROTOCOLS[pclass] if pclass < 4 else "other")
             drops[k] = drops.get(k, 0) + total
-        for key, per_cpu in mod["drops_other"].items():
+        for key, per_cpu in self.table("drops_other").items():
             total = sum(per_cpu)
             k = (reason_name(self.names, key.reason),
                  PROTOCOLS[key.pclass] if key.pclass < 4 else "other")
             drops[k] = drops.get(k, 0) + total
         locations: dict[tuple[int, str], int] = {}
         if int(self.config.drops_location_entries) > 0:
-            for key, value in mod["drops_locs"].items():
+            for key, value in self.table("drops_locs").items():
                 locations[(int(key.location), reason_name(self.names, key.reason))] = int(value.value)
         self._last_locations = locations
         return {"counters": {"drops": drops, "locations": locations}, "gauges": {}}
@@ -146,7 +150,7 @@ class DropsProbe(Probe):
 
     def _top_locations(self, window: Window, reason: str | None, n: int = 5) -> list[dict]:
         rows = [(addr, r, c) for (addr, r), c in window.delta("locations").items()
-                if reason is None or r == reason]
+                if (r == reason if reason is not None else r not in NOT_DROPS)]
         rows.sort(key=lambda row: row[2], reverse=True)
         return [{"location": self.kallsyms.name(addr), "reason": r, "count": int(c)}
                 for addr, r, c in rows[:n]]
@@ -231,8 +235,13 @@ class DropsProbe(Probe):
         rate = window.rate(total)
         if total and rate >= cfg.drops_rate_warning:
             top = sorted(by_reason.items(), key=lambda kv: kv[1], reverse=True)[:8]
+            # Rank by the drops no specific finding above explains, so those findings come first.
+            uncovered = sum(n for r, n in by_reason.items() if r not in SPECIFIC_REASONS)
+            # Severity too: when specific findings explain most drops, this summary is info.
+            u_rate = window.rate(uncovered)
+            sev = severity(u_rate) if u_rate >= cfg.drops_rate_warning else "info"
             findings.append(Finding(
-                id="drops.top_reasons", probe=self.name, severity=severity(rate),
+                id="drops.top_reasons", probe=self.name, severity=sev,
                 title="High packet drop rate",
                 summary=(f"The kernel dropped {int(total)} packets in {window.seconds:.0f}s "
                          f"({rate:.1f}/s, threshold {cfg.drops_rate_warning}/s). Top reason: "
@@ -248,13 +257,14 @@ class DropsProbe(Probe):
                     "(include/net/dropreason-core.h) and its top location above",
                     "watch it live: perf record -e skb:kfree_skb -g -a -- sleep 10 && perf script",
                 ],
-                impact=rate))
+                impact=window.rate(uncovered)))
         return findings
 
 
 def _suggest_buffer(rmem_max: int | None, rmem_default: int | None) -> int:
-    """Next power of two at or above 4x the larger current value, between 4 MiB and 64 MiB."""
+    """Next power of two at or above 4x the larger current value, between 4 MiB and 64 MiB,
+    but never below the current values (advice must not shrink a buffer that overflows)."""
     base = max(rmem_max or 0, rmem_default or 0, 1 << 20) * 4
     want = 1 << (base - 1).bit_length()
-    return max(4 << 20, min(want, 64 << 20))
+    return max(4 << 20, min(want, 64 << 20), rmem_max or 0, rmem_default or 0)
 
