@@ -34,6 +34,16 @@ test-kernel: setup-test
 test-e2e: setup-test
 	$(PYTEST) -v -rs $(PYTEST_ARGS) tests/e2e
 
+# The kernel and e2e tiers again, inside Debian's own 6.1 kernel (kprobes on) under qemu:
+# tests/vm/run_guest.py installs qemu and the guest kernel, builds its initrd, boots, runs
+# pytest against this checkout, streams the output and returns pytest's exit status.
+GUEST_KERNEL ?= auto
+GUEST_TIMEOUT ?= 3000
+test-kernels: setup-test
+	/usr/bin/python3 tests/vm/run_guest.py --kernel-version $(GUEST_KERNEL) --timeout $(GUEST_TIMEOUT) \
+	  --env DPWATCH_EXPECT_KPROBES=1 --env PYTEST_ADDOPTS="--timeout=1500 -p no:cacheprovider" \
+	  -- $(PYTEST) -v -rs --durations=10 $(PYTEST_ARGS) tests/kernel tests/e2e
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest ?window= served; bounds the snapshot ring (default: %(default)s)")
     run.add_argument("--window", default=_env("window", "60s"),
                      help="default /diagnose window (default: %(default)s)")
+    run.add_argument("--bpf-stats", action="store_true", default=None,
+                     help="export dpwatch_bpf_program_run_seconds_total and _runs_total per BPF "
+                          "program (turns on kernel BPF run-time stats while dpwatch runs; costs "
+                          "a few ns per program run)")
+    run.add_argument("--synthetic-series", type=int, default=int(_env("synthetic-series", 0)),
+                     help=argparse.SUPPRESS)  # benchmark: N extra series to load the collector
 
     sub.add_parser("check", parents=[common], help="preflight: which probes load here, and why not",
                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -132,6 +138,8 @@ def config_from_args(args) -> Config:
         cfg.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")
         cfg.max_window = parse_duration(args.max_window, "--max-window")
         cfg.default_window = parse_duration(args.window, "--window")
+        cfg.bpf_stats = bool(args.bpf_stats) if args.bpf_stats is not None else _env_bool("bpf-stats")
+        cfg.synthetic_series = args.synthetic_series
     elif args.command == "diagnose":
         cfg.report_format = args.format
         seconds = parse_duration(args.window, "--window")
@@ -191,6 +199,7 @@ def cmd_diagnose(cfg) -> int:
                 print(f"dpwatch: probe {st.name} {st.state.value}: {st.reason}", file=sys.stderr)
             if not daemon.ready or _load_failures(daemon, cfg):
                 return EX_NOT_LOADED
+        log.info("watching for %gs", cfg.default_window)
         deadline = time.monotonic() + cfg.default_window
         try:
             while not stop["now"] and time.monotonic() < deadline:

@@ -58,15 +58,45 @@ class DpwatchCollector(Collector):
             cerr.add_metric([name], mgr.get("collect_errors", {}).get(name, 0))
         yield cerr
 
+        if getattr(self.manager.config, "bpf_stats", False):
+            secs = CounterMetricFamily("dpwatch_bpf_program_run_seconds", "Time spent running each "
+                                       "dpwatch BPF program in kernel (needs --bpf-stats).",
+                                       labels=["probe", "program"])
+            runs = CounterMetricFamily("dpwatch_bpf_program_runs", "Runs of each dpwatch BPF program "
+                                       "(needs --bpf-stats).", labels=["probe", "program"])
+            for probe, prog, ns, cnt in self.manager.program_stats():
+                secs.add_metric([probe, prog], ns / 1e9)
+                runs.add_metric([probe, prog], cnt)
+            yield secs
+            yield runs
+
         yield GaugeMetricFamily("dpwatch_bpf_compile_seconds", "Time spent compiling the BPF "
                                 "module at start-up.", value=self.manager.compile_seconds)
         yield GaugeMetricFamily("dpwatch_scrape_collect_seconds", "Time this scrape spent "
                                 "reading the maps.", value=time.monotonic() - start)
 
 
+class SyntheticCollector(Collector):
+    """Benchmark only (--synthetic-series N): N extra series, to measure the collector's
+    cost at high series counts without a cluster's worth of traffic."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def collect(self):
+        fam = GaugeMetricFamily("dpwatch_synthetic_series", "Synthetic series for benchmarks.",
+                                labels=["series"])
+        for i in range(self.count):
+            fam.add_metric([str(i)], float(i))
+        yield fam
+
+
 def make_registry(manager, features) -> CollectorRegistry:
     from prometheus_client import ProcessCollector
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DpwatchCollector(manager, features))
+    synthetic = int(getattr(manager.config, "synthetic_series", 0) or 0)
+    if synthetic:
+        registry.register(SyntheticCollector(synthetic))
     ProcessCollector(registry=registry)  # process_* : the daemon's own CPU and memory
     return registry

@@ -68,6 +68,8 @@ class Config:
     drops_other_entries: int = 256
     log_level: str = "info"
     report_format: str = "text"  # `dpwatch diagnose --format`
+    bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
+    synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
 
     def validate(self) -> "Config":
         parse_listen(self.listen)
@@ -91,6 +93,8 @@ class Config:
             raise ConfigError("--drops-location-entries must be within 0..65536 (0 turns it off)")
         if not 1 <= self.drops_other_entries <= 65536:
             raise ConfigError("--drops-other-entries must be within 1..65536")
+        if not 0 <= self.synthetic_series <= 1_000_000:
+            raise ConfigError("--synthetic-series must be within 0..1000000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not debug, info, warning or error")
         return self

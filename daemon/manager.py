@@ -246,6 +246,25 @@ class ProbeManager:
             log.debug("reading dpw_errors failed: %s", exc)
         return out
 
+    def program_stats(self) -> list[tuple[str, str, int, int]]:
+        """(probe, program, run_time_ns, run_cnt) of every attached program."""
+        from .bpfstats import prog_info
+        out = []
+        if self.module is None:
+            return out
+        for name, probe in self.active().items():
+            for fn in probe.programs:
+                func = self.module.funcs.get(fn.encode())
+                if func is None:
+                    continue
+                try:
+                    info = prog_info(func.fd)
+                except OSError as exc:
+                    log.debug("prog info of %s failed: %s", fn, exc)
+                    continue
+                out.append((name, fn, int(info.run_time_ns), int(info.run_cnt)))
+        return out
+
     def background(self) -> None:
         for name, probe in self.active().items():
             try:

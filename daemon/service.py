@@ -24,6 +24,7 @@ class Daemon:
         self.started_mono = time.monotonic()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self.stats = None
 
     def load(self) -> None:
         path, note = tracefs.ensure_mounted()
@@ -31,6 +32,11 @@ class Daemon:
         self.features = features_mod.detect()
         if self.features.headers_note and "not the running" in self.features.headers_note:
             log.warning("%s", self.features.headers_note)
+        if getattr(self.config, "bpf_stats", False):
+            from .bpfstats import StatsSession
+            self.stats = StatsSession()
+            if not self.stats.start():
+                log.warning("--bpf-stats: %s", self.stats.error)
         self.manager = ProbeManager(self.config, self.features)
         self.manager.plan()
         self.manager.load()
@@ -66,3 +72,5 @@ class Daemon:
             self._sampler.join(timeout=2)
         if self.manager is not None:
             self.manager.close()
+        if self.stats is not None:
+            self.stats.close()

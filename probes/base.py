@@ -156,6 +156,20 @@ class Probe:
                 continue
             self._attached.append(hook)
 
+    @property
+    def programs(self) -> list[str]:
+        """BCC function names of the programs this probe attached (for --bpf-stats)."""
+        names = []
+        for hook in getattr(self, "_attached", []):
+            if hook.kind == "tracepoint":
+                system, event = hook.target.split(":")
+                names.append(f"tracepoint__{system}__{event}")
+            elif hook.kind == "raw_tracepoint":
+                names.append(f"raw_tracepoint__{hook.target.split(':')[-1]}")
+            elif hook.kind == "kprobe":
+                names.append(f"kprobe__{hook.target}")
+        return names
+
     def detach(self) -> None:
         """Undo attach(): detach every hook this probe attached (best effort)."""
         module = self.module

@@ -30,7 +30,7 @@ class DaemonProc:
     def get(self, path: str, headers: dict | None = None):
         return http_get(self.ns, "127.0.0.1", self.port, path, headers)
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -210,9 +210,18 @@ def test_cli_check_and_diagnose(net, dpwatch_bin):
     assert re.search(r"^drops\s+tracepoint\s+attached\s+yes", res.stdout, re.M), res.stdout
 
     proc = subprocess.Popen(["ip", "netns", "exec", net.node, dpwatch_bin, "diagnose", "--window", "4s",
-                             "--format", "json", "--drops-rate-warning", "10"],
+                             "--format", "json", "--drops-rate-warning", "10",
+                             "--log-level", "info"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)  # compile done (~1.5 s); the watch has begun
+    # Wait until the probes are loaded and the watch has begun (compile time varies a lot:
+    # ~1.5 s here, ~35 s in an emulated guest kernel).
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "watching for" in line:
+            break
+    else:
+        raise AssertionError("diagnose never started watching:\n" + "".join(seen))
     port = closed_udp_port(net.node, socket.AF_INET6)
     udp_send(net.pod.ns, net.pod.node_ip6, port, 400, family=socket.AF_INET6)
     out, err = proc.communicate(timeout=120)
