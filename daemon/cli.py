@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drops/s that make a drops finding critical (default: %(default)s)")
     g.add_argument("--drops-location-entries", type=int, default=int(_env("drops-location-entries", d.drops_location_entries)),
                    help="LRU entries of drop locations kept in kernel; 0 turns it off (default: %(default)s)")
+    c = common.add_argument_group("conntrack probe")
+    c.add_argument("--conntrack-all-netns", action="store_true", default=None,
+                   help="watch every netns under /run/netns and /proc/*/ns/net, labelled by "
+                        "netns inode (default: only the daemon's own)")
+    c.add_argument("--conntrack-max-netns", type=int, default=int(_env("conntrack-max-netns", d.conntrack_max_netns)),
+                   help="most namespaces watched with --conntrack-all-netns (default: %(default)s)")
+    c.add_argument("--conntrack-pressure-percent", type=float,
+                   default=float(_env("conntrack-pressure-percent", d.conntrack_pressure_percent)),
+                   help="table fill that raises conntrack.table_pressure (default: %(default)s)")
+    c.add_argument("--conntrack-full-percent", type=float,
+                   default=float(_env("conntrack-full-percent", d.conntrack_full_percent)),
+                   help="table fill that raises conntrack.table_full (default: %(default)s)")
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
                    help="debug, info, warning or error (default: %(default)s)")
@@ -132,6 +144,11 @@ def config_from_args(args) -> Config:
         strict=bool(args.strict) if args.strict is not None else _env_bool("strict"),
         drops_rate_warning=args.drops_rate_warning, drops_rate_critical=args.drops_rate_critical,
         drops_location_entries=args.drops_location_entries, log_level=args.log_level,
+        conntrack_all_netns=(bool(args.conntrack_all_netns) if args.conntrack_all_netns is not None
+                             else _env_bool("conntrack-all-netns")),
+        conntrack_max_netns=args.conntrack_max_netns,
+        conntrack_pressure_percent=args.conntrack_pressure_percent,
+        conntrack_full_percent=args.conntrack_full_percent,
     )
     if args.command == "run":
         cfg.listen = args.listen

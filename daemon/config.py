@@ -68,6 +68,11 @@ class Config:
     drops_other_entries: int = 256
     log_level: str = "info"
     report_format: str = "text"  # `dpwatch diagnose --format`
+    conntrack_all_netns: bool = False
+    conntrack_max_netns: int = 64
+    conntrack_recent_entries: int = 256
+    conntrack_full_percent: float = 95.0
+    conntrack_pressure_percent: float = 80.0
     bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
     synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
 
@@ -93,6 +98,13 @@ class Config:
             raise ConfigError("--drops-location-entries must be within 0..65536 (0 turns it off)")
         if not 1 <= self.drops_other_entries <= 65536:
             raise ConfigError("--drops-other-entries must be within 1..65536")
+        if not 1 <= self.conntrack_max_netns <= 4096:
+            raise ConfigError("--conntrack-max-netns must be within 1..4096")
+        if not 1 <= self.conntrack_recent_entries <= 65536:
+            raise ConfigError("--conntrack-recent-entries must be within 1..65536")
+        if not 0 < self.conntrack_pressure_percent <= self.conntrack_full_percent <= 100:
+            raise ConfigError("conntrack thresholds: need 0 < --conntrack-pressure-percent <= "
+                              "--conntrack-full-percent <= 100")
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass, field
 
 from . import tracefs
@@ -36,7 +37,24 @@ class Features:
     bcc_reason: str
     headers: str | None
     headers_note: str
+    headers_exact: bool
     tracepoints: frozenset[str] = field(default_factory=frozenset)
+    _kprobe_funcs: frozenset[str] | None = field(default=None, repr=False, compare=False)
+
+    def kprobe_target(self, function: str) -> bool:
+        """Whether ``function`` can be kprobed: listed in available_filter_functions (loaded
+        modules included). Read once, on first use, and only where kprobes exist."""
+        if self._kprobe_funcs is None:
+            funcs: set[str] = set()
+            if self.tracefs:
+                try:
+                    with open(os.path.join(self.tracefs, "available_filter_functions"), "rb") as fh:
+                        for line in fh:
+                            funcs.add(line.split(None, 1)[0].decode(errors="replace"))
+                except OSError:
+                    funcs = set()
+            object.__setattr__(self, "_kprobe_funcs", frozenset(funcs))
+        return function in self._kprobe_funcs if self._kprobe_funcs else self.kprobes
 
     def has_tracepoint(self, name: str) -> bool:
         """``name`` is "system:event", e.g. "skb:kfree_skb"."""
@@ -45,6 +63,7 @@ class Features:
     def summary(self) -> dict:
         out = asdict(self)
         out["tracepoints"] = len(self.tracepoints)
+        out.pop("_kprobe_funcs", None)
         return out
 
 
@@ -86,25 +105,27 @@ def _detect_bcc() -> tuple[bool, str]:
 
 
 def _detect_headers(release: str) -> tuple[str | None, str]:
+    """Where the kernel headers are, and whether they are the running kernel's exactly
+    (UTS_RELEASE of include/generated/utsrelease.h; Debian's kernel.release file holds the
+    upstream version, not the package's release string)."""
     build = f"/lib/modules/{release}/build"
     if not os.path.isdir(build):
         return None, f"no kernel headers at {build}"
     real = os.path.realpath(build)
     found = None
-    for rel in ("include/config/kernel.release",):
-        try:
-            with open(os.path.join(real, rel)) as fh:
-                found = fh.read().strip()
-        except OSError:
-            pass
+    try:
+        with open(os.path.join(real, "include/generated/utsrelease.h")) as fh:
+            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', fh.read())
+            found = m.group(1) if m else None
+    except OSError:
+        pass
     if found is None:
-        # Debian splits arch and common headers; the dir name carries the version.
         base = os.path.basename(real)
         found = base[len("linux-headers-"):] if base.startswith("linux-headers-") else None
-    if found and found != release:
-        return real, (f"headers at {real} are for {found}, not the running {release}: "
-                      "probes read tracepoint args and packet bytes only, never struct layouts")
-    return real, f"headers at {real}"
+    if found != release:
+        return real, (f"headers at {real} are for {found or 'an unknown kernel'}, not the running "
+                      f"{release}: probes read tracepoint args and packet bytes only, never struct layouts")
+    return real, f"headers at {real} (exact)"
 
 
 # --- fentry: a raw bpf(2) load of "r0 = 0; exit" as BPF_PROG_TYPE_TRACING/BPF_TRACE_FENTRY.
@@ -187,5 +208,6 @@ def detect() -> Features:
         bcc_reason=bcc_reason,
         headers=headers,
         headers_note=headers_note,
+        headers_exact=bool(headers) and headers_note.endswith("(exact)"),
         tracepoints=tps,
     )

@@ -120,12 +120,13 @@ class ProbeManager:
             st.mode, st.reason = mode.name, why
             st.hooks = [str(h) for h in mode.hooks]
             st.state = State.DEGRADED if mode.degraded else State.ATTACHED  # provisional
-            if probe.bpf_source and not self.features.bcc:
+            if probe.bpf_source and mode.bpf and not self.features.bcc:
                 st.state, st.reason = State.FAILED, self.features.bcc_reason
 
     def _pending_bpf(self) -> list[Probe]:
         return [p for n, p in self.probes.items()
-                if p.bpf_source and self.status[n].state in (State.ATTACHED, State.DEGRADED)]
+                if p.bpf_source and p.mode is not None and p.mode.bpf
+                and self.status[n].state in (State.ATTACHED, State.DEGRADED)]
 
     # -- loading --------------------------------------------------------------------
     def _cflags_and_text(self, probes: list[Probe]) -> tuple[list[str], str]:
@@ -190,15 +191,38 @@ class ProbeManager:
             self.module = module
             malloc_trim()
         for name, probe in self.probes.items():
+            probe.peers = {n: p for n, p in self.probes.items() if n != name}
+        for name, probe in self.probes.items():
             st = self.status[name]
             if st.state not in (State.ATTACHED, State.DEGRADED):
                 continue
             try:
                 probe.attach(self.module)
             except Exception as exc:
-                log.warning("probe %s failed to attach: %s", name, exc)
-                self._fail(name, f"attach failed: {exc}")
+                log.warning("probe %s failed to attach in mode %s: %s", name, st.mode, exc)
+                if not self._fall_back(name, probe, f"{st.mode} attach failed: {exc}"):
+                    self._fail(name, f"attach failed: {exc}")
         self.loaded = True
+
+    def _fall_back(self, name: str, probe: Probe, why: str) -> bool:
+        """Try the probe's later user-space modes after a failed attach (no recompile)."""
+        try:
+            probe.detach()
+        except Exception:
+            pass
+        for mode in probe.fallback_modes(self.features):
+            probe.mode = mode
+            try:
+                probe.attach(self.module)
+            except Exception as exc:
+                why = f"{why}; {mode.name} attach failed: {exc}"
+                continue
+            st = self.status[name]
+            st.state, st.mode = State.DEGRADED, mode.name
+            st.reason = f"{why}; fell back to {mode.name}: {mode.description}"
+            st.hooks = [str(h) for h in mode.hooks]
+            return True
+        return False
 
     def _fail(self, name: str, reason: str) -> None:
         st = self.status[name]

@@ -30,7 +30,7 @@ class Daemon:
         path, note = tracefs.ensure_mounted()
         log.info("%s", note)
         self.features = features_mod.detect()
-        if self.features.headers_note and "not the running" in self.features.headers_note:
+        if self.features.headers and not self.features.headers_exact:
             log.warning("%s", self.features.headers_note)
         if getattr(self.config, "bpf_stats", False):
             from .bpfstats import StatsSession
@@ -45,7 +45,10 @@ class Daemon:
         self.snapshot()  # the baseline every window starts from until the ring fills
 
     def snapshot(self) -> None:
-        self.ring.append(self.manager.collect())
+        # "info" holds non-counter detail (recent events) that only fresh readings need.
+        readings = self.manager.collect()
+        self.ring.append({name: {k: v for k, v in r.items() if k != "info"}
+                          for name, r in readings.items()})
 
     def start_sampler(self) -> None:
         self._sampler = threading.Thread(target=self._sample_loop, name="dpwatch-sampler", daemon=True)

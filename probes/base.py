@@ -46,6 +46,7 @@ class Mode:
     hooks: tuple[Hook, ...]
     description: str = ""
     degraded: bool = False  # a fallback that loses information compared with the best mode
+    bpf: bool = True        # False: this mode runs in user space only (nothing to compile)
 
 
 @dataclass
@@ -112,6 +113,16 @@ class Probe:
         self.config = config
         self.mode: Mode | None = None
         self.module = None
+        self.peers: dict[str, "Probe"] = {}  # the other probes, set by the manager
+
+    def fallback_modes(self, features) -> list[Mode]:
+        """User-space modes after the current one that this kernel allows: what the manager
+        tries, without a recompile, when attaching the current mode fails."""
+        if self.mode not in self.modes:
+            return []
+        later = self.modes[self.modes.index(self.mode) + 1:]
+        return [m for m in later if not m.bpf
+                and all(hook_available(h, features) for h in m.hooks)]
 
     # -- selection -------------------------------------------------------------
     def choose_mode(self, features) -> tuple[Mode | None, str]:
@@ -152,6 +163,9 @@ class Probe:
                 module.attach_raw_tracepoint(tp=event.encode(), fn_name=f"raw_tracepoint__{event}".encode())
             elif hook.kind == "kprobe":
                 module.attach_kprobe(event=hook.target.encode(), fn_name=f"kprobe__{hook.target}".encode())
+            elif hook.kind == "kretprobe":
+                module.attach_kretprobe(event=hook.target.encode(),
+                                        fn_name=f"kretprobe__{hook.target}".encode())
             else:
                 continue
             self._attached.append(hook)
@@ -166,8 +180,8 @@ class Probe:
                 names.append(f"tracepoint__{system}__{event}")
             elif hook.kind == "raw_tracepoint":
                 names.append(f"raw_tracepoint__{hook.target.split(':')[-1]}")
-            elif hook.kind == "kprobe":
-                names.append(f"kprobe__{hook.target}")
+            elif hook.kind in ("kprobe", "kretprobe"):
+                names.append(f"{hook.kind}__{hook.target}")
         return names
 
     def detach(self) -> None:
@@ -181,6 +195,8 @@ class Probe:
                     module.detach_raw_tracepoint(tp=hook.target.split(":")[-1].encode())
                 elif hook.kind == "kprobe":
                     module.detach_kprobe(event=hook.target.encode())
+                elif hook.kind == "kretprobe":
+                    module.detach_kretprobe(event=hook.target.encode())
             except Exception:
                 pass
         self._attached = []
@@ -212,8 +228,13 @@ def hook_available(hook: Hook, features) -> bool:
         return features.has_tracepoint(hook.target)
     if hook.kind == "raw_tracepoint":
         return features.raw_tracepoints and features.has_tracepoint(hook.target)
-    if hook.kind == "kprobe":
-        return features.kprobes
+    if hook.kind in ("kprobe", "kretprobe"):
+        return features.kprobes and features.kprobe_target(hook.target)
+    if hook.kind == "procfs":
+        import os
+        return os.path.exists(hook.target)
+    if hook.kind == "headers":  # exact headers of the running kernel (struct layouts read)
+        return features.headers_exact
     if hook.kind == "fentry":
         return features.fentry
     if hook.kind == "tracepoint_field":

@@ -118,6 +118,16 @@ class DropsProbe(Probe):
         self._last_locations = locations
         return {"counters": {"drops": drops, "locations": locations}, "gauges": {}}
 
+    def reason_total(self, reason: str) -> int:
+        """Cumulative drops of one reason, all protocols, read straight from the map (for the
+        conntrack probe's correlated mode: it reuses this data instead of attaching again)."""
+        values = [v for v, n in self.names.items() if n == reason and v < self.max_reason]
+        if not values or self.module is None:
+            return 0
+        counts = self.table("drops_counts")
+        return int(sum(sum(counts[counts.Key(pclass * self.max_reason + values[0])])
+                       for pclass in range(len(PROTOCOLS))))
+
     def background(self) -> None:
         # Resolve the busiest locations so /diagnose shows names without scanning kallsyms.
         top = sorted(self._last_locations.items(), key=lambda kv: kv[1], reverse=True)[:64]

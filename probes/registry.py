@@ -7,10 +7,14 @@ one line here. Nothing registers itself at import time.
 from __future__ import annotations
 
 from .base import Probe
+from .conntrack import ConntrackProbe
 from .drops import DropsProbe
 
+# Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
+# the drops probe's NETFILTER_DROP count), so providers come first.
 PROBES: tuple[type[Probe], ...] = (
     DropsProbe,
+    ConntrackProbe,
 )
 
 

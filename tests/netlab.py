@@ -11,19 +11,16 @@ only inside these namespaces.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import http.client
 import itertools
 import os
 import socket
 import subprocess
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from dpwatch.daemon import netns
+
 _counter = itertools.count()
 
 
@@ -37,26 +34,7 @@ def sh(*cmd: str, check: bool = True, ns: str | None = None, **kw) -> subprocess
 
 def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
     """Run fn in a thread that has joined netns ``ns``; sockets it creates stay in that netns."""
-    box: dict[str, Any] = {}
-
-    def runner():
-        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
-        finally:
-            os.close(fd)
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=runner, name=f"netns-{ns}")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return netns.run_in(f"/run/netns/{ns}", fn)
 
 
 def socket_in(ns: str, family: int, kind: int) -> socket.socket:

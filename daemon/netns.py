@@ -1,0 +1,140 @@
+"""Network namespaces: enumerate them, and run a function inside one.
+
+Sockets and /proc/thread-self/net files opened inside a namespace stay bound to it, so
+callers open their handles once in a namespace and read them later from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from typing import Any, Callable
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def inode_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def own_inode() -> int | None:
+    return inode_of("/proc/thread-self/ns/net")
+
+
+def run_in(path: str, fn: Callable[[], Any]) -> Any:
+    """Run fn in a new thread that joined the netns at ``path`` (e.g. /run/netns/x or
+    /proc/PID/ns/net); return its result or raise its exception."""
+    box: dict[str, Any] = {}
+
+    def runner():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {path}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=runner, name="dpwatch-netns")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def enumerate_netns(limit: int) -> tuple[dict[int, str], int]:
+    """Distinct network namespaces: {inode: a path to it}, from /run/netns and /proc/*/ns/net,
+    the daemon's own first. Returns (found, how many more were skipped by ``limit``)."""
+    found: dict[int, str] = {}
+    skipped = 0
+
+    def add(path: str) -> None:
+        nonlocal skipped
+        ino = inode_of(path)
+        if ino is None or ino in found:
+            return
+        if len(found) >= limit:
+            skipped += 1
+            return
+        found[ino] = path
+
+    add("/proc/self/ns/net")
+    try:
+        for name in sorted(os.listdir("/run/netns")):
+            add(os.path.join("/run/netns", name))
+    except OSError:
+        pass
+    try:
+        pids = sorted((int(p) for p in os.listdir("/proc") if p.isdigit()))
+    except OSError:
+        pids = []
+    for pid in pids:
+        add(f"/proc/{pid}/ns/net")
+    return found, skipped
+
+
+class NetnsWorker:
+    """A thread that joins one netns and runs calls there, one at a time.
+
+    Needed for libraries (pyroute2's synchronous API) that do not keep a socket bound to the
+    thread that created it: every call is made from inside the namespace."""
+
+    def __init__(self, path: str, name: str = "dpwatch-netns"):
+        import queue
+        self._q: "queue.Queue" = queue.Queue()
+        fd = os.open(path, os.O_RDONLY)  # opened here: "/proc/thread-self/..." means the caller's
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, fd: int) -> None:
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        finally:
+            os.close(fd)
+        self._ready.set()
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, box, done = item
+            try:
+                box["value"] = fn()
+            except BaseException as exc:
+                box["error"] = exc
+            done.set()
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._q.put((fn, box, done))
+        if not done.wait(timeout):
+            raise TimeoutError("netns call timed out")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(2)
