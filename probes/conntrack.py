@@ -231,8 +231,12 @@ class ConntrackProbe(Probe):
         return None, "no mode available"
 
     def fallback_modes(self, features):
-        return [m for m in self.modes[1:] if m is not self.mode and
-                (m.name != "correlated" or "drops" in self.config.enabled_probes)]
+        # Only modes after the current one (as Probe.fallback_modes): from stats, not back up
+        # to correlated.
+        if self.mode not in self.modes:
+            return []
+        later = self.modes[self.modes.index(self.mode) + 1:]
+        return [m for m in later if m.name != "correlated" or "drops" in self.config.enabled_probes]
 
     def cflags(self, features) -> list[str]:
         return [f"-DCT_RECENT_MAX={int(self.config.conntrack_recent_entries)}",
@@ -381,9 +385,13 @@ class ConntrackProbe(Probe):
             entries = g["entries"].get(ino)
             maximum = g["max"].get(ino)
             buckets = g["buckets"].get(ino)
-            drops = int(d.get((ino, "drop"), 0))
-            early = int(d.get((ino, "early_drop"), 0))
-            failed = int(d.get((ino, "insert_failed"), 0))
+            # A netns first seen after the window began brings its lifetime counters: they are a
+            # baseline, not an increase in this window.
+            old_gauges = (window.old or {}).get("gauges", {}).get("entries")
+            fresh_netns = window.old is not None and old_gauges is not None and ino not in old_gauges
+            drops = 0 if fresh_netns else int(d.get((ino, "drop"), 0))
+            early = 0 if fresh_netns else int(d.get((ino, "early_drop"), 0))
+            failed = 0 if fresh_netns else int(d.get((ino, "insert_failed"), 0))
             fill = (100.0 * entries / maximum) if entries is not None and maximum else None
             where = f" in netns {ino}" if self.multi else ""
             ev = {"entries": entries, "max": maximum,
@@ -400,7 +408,8 @@ class ConntrackProbe(Probe):
                     ev["netfilter_drops_explained"] = min(nf_drops, drops)
                 if events is not None:
                     ev["kprobe_table_full_events"] = int(events.get(("table_full",), 0))
-                mine = [r for r in recent if not self.multi or r["netns"] == ino]
+                mine = [r for r in recent if (not self.multi or r["netns"] == ino)
+                        and r["seconds_ago"] <= window.seconds]
                 if mine:
                     ev["recent_drops"] = [{"flow": r["flow"], "netns": r["netns"], "event": r["event"],
                                            "count": r["count"], "seconds_ago": r["seconds_ago"]}
@@ -408,7 +417,7 @@ class ConntrackProbe(Probe):
                 findings.append(Finding(
                     id="conntrack.table_full", probe=self.name, severity="critical",
                     title=f"Conntrack table full{where}",
-                    summary=(f"The conntrack table{where} holds {entries} of {maximum} entries "
+                    summary=(f"The conntrack table{where} holds {_n(entries)} of {_n(maximum)} entries "
                              f"({ev.get('fill_percent', '?')}%), and {drops} packets were dropped in "
                              f"{window.seconds:.0f}s because no entry could be created. New connections "
                              "fail silently: applications see timeouts."),
@@ -460,3 +469,7 @@ class ConntrackProbe(Probe):
         out.append("on Kubernetes, set the same through kube-proxy's conntrack.maxPerCore/min "
                    "so it does not reset them")
         return out
+
+
+def _n(value) -> str:
+    return "?" if value is None else str(value)

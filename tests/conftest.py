@@ -17,6 +17,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/netlab.py
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "kernel"))  # shared kernel-tier helpers
 
 from netlab import Lab  # noqa: E402
 

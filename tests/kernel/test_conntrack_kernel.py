@@ -206,3 +206,30 @@ def test_full_table_drops_metrics_and_finding(ct_lab, small_table):
             c.close()
     finally:
         d.stop()
+
+
+def test_all_netns_mode_labels_by_inode(ct_lab):
+    """--conntrack-all-netns: the daemon in the init netns also watches the lab's node netns
+    and reports its entries under the node's netns inode."""
+    d = Daemon(Config(probes=["drops", "conntrack"], conntrack_all_netns=True).validate())
+    d.load()
+    try:
+        node_ino = netns_mod.inode_of(f"/run/netns/{ct_lab.node}")
+        probe = d.manager.probes["conntrack"]
+        assert node_ino in probe.sources
+        holder = Holder(ct_lab.node, ct_lab.pod.node_ip4)
+        try:
+            conns, pending = open_connections(ct_lab.pod.ns, ct_lab.pod.node_ip4, holder.port, 12)
+            reading = d.manager.collect()["conntrack"]
+        finally:
+            holder.close()
+        assert len(conns) == 12 and pending == 0
+        assert reading["gauges"]["entries"][node_ino] == 12
+        fams = {f.name: f for f in probe.metrics(reading)}
+        samples = {s.labels["netns"]: s.value for s in fams["dpwatch_conntrack_entries"].samples}
+        assert samples[str(node_ino)] == 12
+        assert probe.info()["all_netns"] is True
+        for c in conns:
+            c.close()
+    finally:
+        d.stop()
