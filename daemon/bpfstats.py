@@ -54,10 +54,12 @@ class _StatsAttr(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32)]
 
 
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    nr = _SYS_BPF.get(platform.machine())
+def bpf_syscall(cmd: int, attr: ctypes.Structure, machine: str | None = None) -> int:
+    """bpf(2) with ``attr``; returns its result or raises OSError with the kernel's errno."""
+    machine = machine or platform.machine()
+    nr = _SYS_BPF.get(machine)
     if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf syscall number unknown for {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"bpf syscall number unknown for {machine}")
     ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
@@ -67,13 +69,13 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 def enable_run_time_stats() -> int:
     """Turn per-program stats on; returns the fd that keeps them on (close it to undo)."""
-    return _bpf(BPF_ENABLE_STATS, _StatsAttr(type=BPF_STATS_RUN_TIME))
+    return bpf_syscall(BPF_ENABLE_STATS, _StatsAttr(type=BPF_STATS_RUN_TIME))
 
 
 def prog_info(fd: int) -> BpfProgInfo:
     info = BpfProgInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, attr)
     return info
 
 

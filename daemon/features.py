@@ -9,7 +9,6 @@ stays in the kernel.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -130,7 +129,6 @@ def _detect_headers(release: str) -> tuple[str | None, str]:
 
 # --- fentry: a raw bpf(2) load of "r0 = 0; exit" as BPF_PROG_TYPE_TRACING/BPF_TRACE_FENTRY.
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_PROG_LOAD = 5
 _BPF_PROG_TYPE_TRACING = 26
 _BPF_TRACE_FENTRY = 24
@@ -155,9 +153,7 @@ class _ProgLoadAttr(ctypes.Structure):
 def _detect_fentry(btf: bool, machine: str) -> tuple[bool, str]:
     if not btf:
         return False, "no kernel BTF"
-    nr = _SYS_BPF.get(machine)
-    if nr is None:
-        return False, f"bpf syscall number unknown for {machine}"
+    from .bpfstats import bpf_syscall
     try:
         from . import btf as btfmod
         func_id = btfmod.find_type_id("udp_rcv", "FUNC")
@@ -171,13 +167,12 @@ def _detect_fentry(btf: bool, machine: str) -> tuple[bool, str]:
                          insns=ctypes.addressof(insns), license=ctypes.addressof(lic),
                          expected_attach_type=_BPF_TRACE_FENTRY, attach_btf_id=func_id,
                          prog_name=b"dpw_fentry_chk")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    fd = libc.syscall(nr, _BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
-    if fd >= 0:
-        os.close(fd)
-        return True, "fentry program loaded"
-    err = ctypes.get_errno()
-    return False, f"fentry load failed: {errno.errorcode.get(err, err)}"
+    try:
+        fd = bpf_syscall(_BPF_PROG_LOAD, attr, machine)
+    except OSError as exc:
+        return False, f"fentry load failed: {errno.errorcode.get(exc.errno, exc.errno)}"
+    os.close(fd)
+    return True, "fentry program loaded"
 
 
 def detect() -> Features:
