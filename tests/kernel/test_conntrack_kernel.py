@@ -140,21 +140,27 @@ def test_healthy_node_has_no_conntrack_finding(ct_lab):
         d.stop()
 
 
+def fill_table(ct_lab, d: Daemon):
+    """Fill the 64-entry table: returns (before, after, connected sockets, refused, port)."""
+    holder = Holder(ct_lab.node, ct_lab.pod.node_ip4)
+    try:
+        before = d.manager.collect()
+        conns, refused = open_connections(ct_lab.pod.ns, ct_lab.pod.node_ip4, holder.port, 100)
+        time.sleep(0.1)
+        after = d.manager.collect()
+    finally:
+        holder.close()
+    return before, after, conns, refused, holder.port
+
+
 def test_full_table_drops_metrics_and_finding(ct_lab, small_table):
+    """Every mode: the counters, the metrics and the finding (the metrics all modes share)."""
     d = load_daemon_in(ct_lab.node)
     try:
         probe = d.manager.probes["conntrack"]
         mode = d.manager.status["conntrack"].mode
         assert mode == expected_mode(d), d.manager.status["conntrack"].reason
-        node_ino = netns_mod.inode_of(f"/run/netns/{ct_lab.node}")
-        holder = Holder(ct_lab.node, ct_lab.pod.node_ip4)
-        try:
-            before = d.manager.collect()
-            conns, refused = open_connections(ct_lab.pod.ns, ct_lab.pod.node_ip4, holder.port, 100)
-            time.sleep(0.1)
-            after = d.manager.collect()
-        finally:
-            holder.close()
+        before, after, conns, refused, _port = fill_table(ct_lab, d)
         ct_b, ct_a = before["conntrack"], after["conntrack"]
         (ino,) = ct_a["gauges"]["entries"].keys()
         assert len(conns) == 64 and refused == 36
@@ -182,26 +188,52 @@ def test_full_table_drops_metrics_and_finding(ct_lab, small_table):
         # A hash resize is advised only when the table would outgrow max/4 buckets.
         assert resize == ([] if buckets >= 32768 else
                           [r for r in resize if r.startswith("echo 32768 > ")])
-
         if mode == "correlated":
             # The drops probe's NETFILTER_DROP count (not a second attach) backs the stats.
             assert ev["netfilter_drops"] >= refused
             assert ev["netfilter_drops_explained"] == refused
-        else:
-            events = (ct_a["counters"]["events"][("table_full",)]
-                      - ct_b["counters"]["events"][("table_full",)])
-            assert events == drops  # both sources agree on the same traffic
-            assert ev["kprobe_table_full_events"] == drops
-            flows = [r for r in ct_a["info"]["recent"] if r["event"] == "table_full"]
-            assert flows and all(r["netns"] == node_ino for r in flows)
-            assert all(r["dst"] == ct_lab.pod.node_ip4 and r["dport"] == holder.port
-                       and r["src"] == ct_lab.pod.ip4 and r["proto"] == 6 for r in flows)
-            # Every refused connection is its own flow (its own source port) in the LRU.
-            lru = [decode_recent(k, v, 0) for k, v in probe.table("ct_recent").items()]
-            lru = [r for r in lru if r["event"] == "table_full"]
-            assert len(lru) == refused and all(r["count"] == 1 for r in lru)
-            assert len(flows) == min(refused, RECENT_SHOWN)
-            assert ev["recent_drops"][0]["flow"].startswith(f"tcp {ct_lab.pod.ip4}:")
+        for c in conns:
+            c.close()
+    finally:
+        d.stop()
+
+
+def test_kprobe_mode_sees_each_drop_with_netns_and_flow(ct_lab, small_table):
+    """kprobe mode only: the kprobes count the same drops as the stats, and the LRU holds
+    each refused connection's 5-tuple in the node's netns."""
+    d = load_daemon_in(ct_lab.node)
+    try:
+        if d.manager.status["conntrack"].mode != "kprobe":
+            # Where kprobes are expected (the guest), not running this is a failure, not a skip.
+            assert os.environ.get("DPWATCH_EXPECT_KPROBES") != "1", d.manager.status["conntrack"].reason
+            assert not d.features.kprobes or not d.features.headers_exact
+            pytest.skip("kprobe mode needs kprobes and exact kernel headers; this kernel has "
+                        f"kprobes={d.features.kprobes}, headers_exact={d.features.headers_exact} "
+                        "(it runs in `make test-kernels`, in the 6.1 guest)")
+        probe = d.manager.probes["conntrack"]
+        node_ino = netns_mod.inode_of(f"/run/netns/{ct_lab.node}")
+        before, after, conns, refused, port = fill_table(ct_lab, d)
+        ct_b, ct_a = before["conntrack"], after["conntrack"]
+        (ino,) = ct_a["gauges"]["entries"].keys()
+        drops = ct_a["counters"]["stats"][(ino, "drop")] - ct_b["counters"]["stats"][(ino, "drop")]
+        events = ct_a["counters"]["events"][("table_full",)] - ct_b["counters"]["events"][("table_full",)]
+        assert refused == 36 and drops == refused
+        assert events == drops  # both sources agree on the same traffic
+        ev = next(f for f in probe.diagnose(Window(2.0, ct_b, ct_a)) if f.id == "conntrack.table_full").evidence
+        assert ev["kprobe_table_full_events"] == drops
+        flows = [r for r in ct_a["info"]["recent"] if r["event"] == "table_full"]
+        assert flows and all(r["netns"] == node_ino for r in flows)
+        assert all(r["dst"] == ct_lab.pod.node_ip4 and r["dport"] == port
+                   and r["src"] == ct_lab.pod.ip4 and r["proto"] == 6 for r in flows)
+        # Every refused connection is its own flow (its own source port) in the LRU.
+        lru = [decode_recent(k, v, 0) for k, v in probe.table("ct_recent").items()]
+        lru = [r for r in lru if r["event"] == "table_full"]
+        assert len(lru) == refused and all(r["count"] == 1 for r in lru)
+        assert len(flows) == min(refused, RECENT_SHOWN)
+        assert ev["recent_drops"][0]["flow"].startswith(f"tcp {ct_lab.pod.ip4}:")
+        fams = {f.name: f for f in probe.metrics(ct_a)}
+        kev = {s.labels["event"]: s.value for s in fams["dpwatch_conntrack_kernel_events"].samples}
+        assert kev["table_full"] == ct_a["counters"]["events"][("table_full",)]
         for c in conns:
             c.close()
     finally:
