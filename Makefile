@@ -7,7 +7,7 @@ PYTEST := $(VENV)/bin/pytest
 LISTEN ?= 0.0.0.0:9400
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test run check test test-unit test-kernel test-e2e test-kernels bench clean
+.PHONY: setup setup-test setup-bench run check test test-unit test-kernel test-e2e test-kernels bench clean
 
 setup:
 	bash deploy/setup.sh
@@ -42,7 +42,18 @@ GUEST_TIMEOUT ?= 3000
 test-kernels: setup-test
 	/usr/bin/python3 tests/vm/run_guest.py --kernel-version $(GUEST_KERNEL) --timeout $(GUEST_TIMEOUT) \
 	  --env DPWATCH_EXPECT_KPROBES=1 --env PYTEST_ADDOPTS="--timeout=1500 -p no:cacheprovider" \
-	  -- $(PYTEST) -v -rs --durations=10 $(PYTEST_ARGS) tests/kernel tests/e2e
+	  -- $(PYTEST) -v -rs --durations=10 $(PYTEST_ARGS) tests/kernel tests/e2e \
+	     --ignore=tests/e2e/test_bench_smoke.py  # speed under emulation means nothing
+
+# The overhead benchmark (about 6 minutes; bench/README.md). BENCH_ARGS=--smoke for the
+# under-a-minute check the test suite also runs. A full run's report goes to
+# bench/results/latest.md; BENCHMARKS.md holds the committed one.
+BENCH_ARGS ?=
+setup-bench:
+	bash deploy/setup.sh --bench
+
+bench: setup-bench
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

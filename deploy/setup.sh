@@ -3,7 +3,7 @@
 #
 #   deploy/setup.sh           what the daemon needs
 #   deploy/setup.sh --test    plus what the test suite needs
-#   deploy/setup.sh --bench   plus what the benchmark needs
+#   deploy/setup.sh --bench   what the benchmark needs (the same as --test)
 #
 # It installs Debian packages only when missing, makes sure kernel headers are linked at
 # /lib/modules/$(uname -r)/build (warning when they are not the running kernel's), mounts
@@ -38,11 +38,9 @@ arch="$(dpkg --print-architecture)"
 release="$(uname -r)"
 
 pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 nftables conntrack kmod bpftool curl ca-certificates)
-if [ "$want_test" = 1 ]; then
-  pkgs+=(prometheus dnsmasq-base)
-fi
-if [ "$want_bench" = 1 ]; then
-  pkgs+=(sockperf iperf3 netsniff-ng)
+if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
+  # promtool; the bench (its smoke run is part of the tests): trafgen, sockperf, node-exporter
+  pkgs+=(prometheus dnsmasq-base netsniff-ng sockperf prometheus-node-exporter)
 fi
 
 missing=()
