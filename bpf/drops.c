@@ -7,6 +7,9 @@
  *   DROPS_LOC_MAX       entries of the LRU of drop locations (0 turns it off)
  *   DROPS_HAVE_REASON   the tracepoint has the `reason` field (kernel 5.17+)
  *   DROPS_CONSUMED      the value of reason CONSUMED on this kernel, when it has one
+ *   DROPS_LOC_EXACT     per CPU and (reason, protocol), the first drops whose location is always
+ *                       recorded; after that one drop in DROPS_LOC_SAMPLE (a power of two) is
+ *                       recorded with that weight: floods cost a hash update 1/SAMPLE of the time
  *   DROPS_ERR_OTHER, DROPS_ERR_LOC  error slots in dpw_errors
  */
 #ifndef DROPS_MAX_REASON
@@ -17,6 +20,12 @@
 #endif
 #ifndef DROPS_LOC_MAX
 #define DROPS_LOC_MAX 1024
+#endif
+#ifndef DROPS_LOC_EXACT
+#define DROPS_LOC_EXACT 64
+#endif
+#ifndef DROPS_LOC_SAMPLE
+#define DROPS_LOC_SAMPLE 16
 #endif
 
 #define DROPS_PCLASS_IPV4 0
@@ -61,18 +70,19 @@ TRACEPOINT_PROBE(skb, kfree_skb)
     u32 reason = 0;
 #endif
     u32 pclass = drops_pclass(args->protocol);
+    u64 seen = 0;  /* this CPU's count for (reason, protocol), after this drop */
 
     if (reason < DROPS_MAX_REASON) {
         u32 idx = pclass * DROPS_MAX_REASON + reason;
         u64 *n = drops_counts.lookup(&idx);
         if (n)
-            (*n)++;
+            seen = ++(*n);
     } else {
         struct drops_other_key ok = {.reason = reason, .pclass = pclass};
         u64 zero = 0;
         u64 *v = drops_other.lookup_or_try_init(&ok, &zero);
         if (v)
-            (*v)++;
+            seen = ++(*v);
         else
             dpw_count_error(DROPS_ERR_OTHER);
     }
@@ -88,15 +98,20 @@ TRACEPOINT_PROBE(skb, kfree_skb)
         return 0;
 #endif
 #endif
+    u64 weight = 1;
+    if (seen > DROPS_LOC_EXACT) {
+        if (seen & (DROPS_LOC_SAMPLE - 1))
+            return 0;
+        weight = DROPS_LOC_SAMPLE;
+    }
     struct drops_loc_key lk = {};
     lk.location = (u64)args->location;
     lk.reason = reason;
     u64 *c = drops_locs.lookup(&lk);
     if (c) {
-        __sync_fetch_and_add(c, 1);
+        __sync_fetch_and_add(c, weight);
     } else {
-        u64 one = 1;
-        if (drops_locs.update(&lk, &one) != 0)
+        if (drops_locs.update(&lk, &weight) != 0)
             dpw_count_error(DROPS_ERR_LOC);
     }
 #endif

@@ -66,6 +66,7 @@ class Config:
     drops_rate_critical: float = 1000.0
     drops_location_entries: int = 1024
     drops_other_entries: int = 256
+    drops_location_sample: int = 16
     log_level: str = "info"
     report_format: str = "text"  # `dpwatch diagnose --format`
     conntrack_all_netns: bool = False
@@ -96,6 +97,9 @@ class Config:
             raise ConfigError("--drops-rate-warning must be > 0 and <= --drops-rate-critical")
         if not 0 <= self.drops_location_entries <= 65536:
             raise ConfigError("--drops-location-entries must be within 0..65536 (0 turns it off)")
+        s = self.drops_location_sample
+        if not (1 <= s <= 4096 and s & (s - 1) == 0):
+            raise ConfigError(f"--drops-location-sample: {s} must be a power of two within 1..4096")
         if not 1 <= self.drops_other_entries <= 65536:
             raise ConfigError("--drops-other-entries must be within 1..65536")
         if not 1 <= self.conntrack_max_netns <= 4096:

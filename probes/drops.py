@@ -20,6 +20,7 @@ PROTOCOLS = ("ipv4", "ipv6", "arp", "other")  # index = protocol class in bpf/dr
 # Reasons that are not drops: the kernel may trace them through kfree_skb on some versions.
 NOT_DROPS = frozenset({"NOT_DROPPED_YET", "CONSUMED"})
 MAX_DENSE_REASONS = 1024
+LOC_EXACT = 64  # per CPU and (reason, protocol): locations of the first drops are all recorded
 SUBSYS_SHIFT = 16  # enum skb_drop_reason_subsys: reason = (subsys << 16) | code
 # Reasons that get a finding of their own; drops.top_reasons ranks by the rest.
 SPECIFIC_REASONS = frozenset({"SOCKET_RCVBUFF", "TCP_LISTEN_OVERFLOW", "NETFILTER_DROP"})
@@ -91,6 +92,8 @@ class DropsProbe(Probe):
             f"-DDROPS_MAX_REASON={self.max_reason}",
             f"-DDROPS_OTHER_MAX={int(self.config.drops_other_entries)}",
             f"-DDROPS_LOC_MAX={int(self.config.drops_location_entries)}",
+            f"-DDROPS_LOC_EXACT={LOC_EXACT}",
+            f"-DDROPS_LOC_SAMPLE={int(self.config.drops_location_sample)}",
         ]
         return flags
 
@@ -145,7 +148,8 @@ class DropsProbe(Probe):
     def info(self) -> dict[str, Any]:
         return {"reason_names": len(self.names), "reason_name_source": self.name_source,
                 "dense_reasons": self.max_reason,
-                "location_entries": int(self.config.drops_location_entries)}
+                "location_entries": int(self.config.drops_location_entries),
+                "location_sample": int(self.config.drops_location_sample)}
 
     # -- findings ---------------------------------------------------------------------
     def _by_reason(self, window: Window) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

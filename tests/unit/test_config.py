@@ -192,3 +192,9 @@ def test_as_dict():
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
     assert {"listen", "probes", "disable", "require", "strict", "snapshot_interval", "max_window",
             "default_window", "log_level"} <= set(d)
+
+
+@pytest.mark.parametrize("sample", [0, 3, 12, 8192])
+def test_location_sample_must_be_power_of_two(sample):
+    with pytest.raises(ConfigError, match="--drops-location-sample"):
+        Config(drops_location_sample=sample).validate()

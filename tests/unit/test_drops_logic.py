@@ -186,13 +186,13 @@ def test_load_reason_names_none(tmp_path, monkeypatch):
 
 
 def test_cflags_with_reason(tmp_path, monkeypatch):
-    p = DropsProbe(Config(drops_other_entries=100, drops_location_entries=0))
+    p = DropsProbe(Config(drops_other_entries=100, drops_location_entries=0, drops_location_sample=4))
     p.mode = DropsProbe.modes[0]
     assert p.cflags(SimpleNamespace(tracefs=write_tracefs(tmp_path))) == [
         "-DDROPS_HAVE_REASON=1", "-DDROPS_CONSUMED=1", "-DDROPS_MAX_REASON=41", "-DDROPS_OTHER_MAX=100",
-        "-DDROPS_LOC_MAX=0"]
+        "-DDROPS_LOC_MAX=0", "-DDROPS_LOC_EXACT=64", "-DDROPS_LOC_SAMPLE=4"]
     assert p.info() == {"reason_names": 4, "reason_name_source": "tracefs:skb/kfree_skb/format",
-                        "dense_reasons": 41, "location_entries": 0}
+                        "dense_reasons": 41, "location_entries": 0, "location_sample": 4}
 
 
 def test_cflags_caps_the_dense_array(tmp_path):
@@ -208,7 +208,8 @@ def test_cflags_without_reason():
     p = DropsProbe(Config())
     p.mode = DropsProbe.modes[1]
     assert p.cflags(SimpleNamespace(tracefs=None)) == [
-        "-DDROPS_MAX_REASON=1", "-DDROPS_OTHER_MAX=256", "-DDROPS_LOC_MAX=1024"]
+        "-DDROPS_MAX_REASON=1", "-DDROPS_OTHER_MAX=256", "-DDROPS_LOC_MAX=1024",
+        "-DDROPS_LOC_EXACT=64", "-DDROPS_LOC_SAMPLE=16"]
     assert p.names == {0: "UNKNOWN"}
 
 
