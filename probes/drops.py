@@ -72,7 +72,6 @@ class DropsProbe(Probe):
         self.name_source = ""
         self.max_reason = 1
         self.kallsyms = KallsymsResolver()
-        self._last_locations: dict = {}
 
     def cflags(self, features) -> list[str]:
         if self.mode is not None and self.mode.name == "tracepoint":
@@ -118,7 +117,6 @@ class DropsProbe(Probe):
         if int(self.config.drops_location_entries) > 0:
             for key, value in self.table("drops_locs").items():
                 locations[(int(key.location), reason_name(self.names, key.reason))] = int(value.value)
-        self._last_locations = locations
         return {"counters": {"drops": drops, "locations": locations}, "gauges": {}}
 
     def reason_total(self, reason: str) -> int:
@@ -130,11 +128,6 @@ class DropsProbe(Probe):
         counts = self.table("drops_counts")
         return int(sum(sum(counts[counts.Key(pclass * self.max_reason + values[0])])
                        for pclass in range(len(PROTOCOLS))))
-
-    def background(self) -> None:
-        # Resolve the busiest locations so /diagnose shows names without scanning kallsyms.
-        top = sorted(self._last_locations.items(), key=lambda kv: kv[1], reverse=True)[:64]
-        self.kallsyms.resolve(addr for (addr, _), _ in top)
 
     def metrics(self, reading: Reading) -> Iterable:
         fam = CounterMetricFamily(
@@ -166,8 +159,10 @@ class DropsProbe(Probe):
         rows = [(addr, r, c) for (addr, r), c in window.delta("locations").items()
                 if (r == reason if reason is not None else r not in NOT_DROPS)]
         rows.sort(key=lambda row: row[2], reverse=True)
-        return [{"location": self.kallsyms.name(addr), "reason": r, "count": int(c)}
-                for addr, r, c in rows[:n]]
+        # Names are resolved here, for the few rows shown, and cached: one /proc/kallsyms scan
+        # costs ~0.1 s of CPU, too much to spend in the background of an idle daemon.
+        names = self.kallsyms.resolve([addr for addr, _r, _c in rows[:n]])
+        return [{"location": names[addr], "reason": r, "count": int(c)} for addr, r, c in rows[:n]]
 
     def diagnose(self, window: Window) -> list[Finding]:
         cfg = self.config

@@ -45,8 +45,11 @@ def sysctls(monkeypatch):
 
 
 @pytest.fixture
-def probe(sysctls):
-    return DropsProbe(Config())
+def probe(sysctls, tmp_path):
+    p = DropsProbe(Config())
+    # Synthetic addresses must not resolve against this machine's real /proc/kallsyms.
+    p.kallsyms = KallsymsResolver(str(tmp_path / "no-kallsyms"))
+    return p
 
 
 def by_id(findings: list[Finding]) -> dict[str, Finding]:
@@ -472,13 +475,18 @@ def test_top_locations_use_resolved_names(probe, tmp_path):
     ]
 
 
-def test_background_resolves_busiest_locations(probe, tmp_path):
+def test_diagnose_resolves_the_locations_it_shows(probe, tmp_path):
+    """Names are resolved when a report shows them (not in the background), then cached."""
     ks = tmp_path / "kallsyms"
     ks.write_text("ffffffff81000000 T sock_queue_rcv_skb\n")
     probe.kallsyms = KallsymsResolver(str(ks))
-    probe._last_locations = {(LOC_A + 0x20, "SOCKET_RCVBUFF"): 5}
-    probe.background()
-    assert probe.kallsyms.cached(LOC_A + 0x20) == "sock_queue_rcv_skb+0x20"
+    win = Window(1.0, None, reading({("SOCKET_RCVBUFF", "ipv4"): 5}, {(LOC_A + 0x20, "SOCKET_RCVBUFF"): 5}))
+    assert probe.kallsyms.cached(LOC_A + 0x20) is None
+    f = by_id(probe.diagnose(win))["drops.socket_receive_buffer"]
+    assert f.evidence["top_locations"][0]["location"] == "sock_queue_rcv_skb+0x20"
+    ks.unlink()  # cached: the next report does not scan again
+    f = by_id(probe.diagnose(win))["drops.socket_receive_buffer"]
+    assert f.evidence["top_locations"][0]["location"] == "sock_queue_rcv_skb+0x20"
 
 
 def test_metrics_skip_not_drops(probe):
