@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--conntrack-full-percent", type=float,
                    default=float(_env("conntrack-full-percent", d.conntrack_full_percent)),
                    help="table fill that raises conntrack.table_full (default: %(default)s)")
+    m = common.add_argument_group("frag and mtu probes")
+    m.add_argument("--frag-rate-warning", type=float, default=float(_env("frag-rate-warning", d.frag_rate_warning)),
+                   help="fragments created per second that raise frag.fragmentation_active (default: %(default)s)")
+    m.add_argument("--mtu-all-netns", action="store_true", default=None,
+                   help="audit links in every netns (pod sides of veth pairs included), not just the daemon's")
+    m.add_argument("--mtu-audit-interval", default=_env("mtu-audit-interval", "30s"),
+                   help="how often the MTU audit runs (default: %(default)s)")
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
                    help="debug, info, warning or error (default: %(default)s)")
@@ -154,6 +161,10 @@ def config_from_args(args) -> Config:
         conntrack_max_netns=args.conntrack_max_netns,
         conntrack_pressure_percent=args.conntrack_pressure_percent,
         conntrack_full_percent=args.conntrack_full_percent,
+        frag_rate_warning=args.frag_rate_warning,
+        mtu_all_netns=(bool(args.mtu_all_netns) if args.mtu_all_netns is not None
+                       else _env_bool("mtu-all-netns")),
+        mtu_audit_interval=parse_duration(args.mtu_audit_interval, "--mtu-audit-interval"),
     )
     if args.command == "run":
         cfg.listen = args.listen

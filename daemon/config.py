@@ -74,6 +74,12 @@ class Config:
     conntrack_recent_entries: int = 256
     conntrack_full_percent: float = 95.0
     conntrack_pressure_percent: float = 80.0
+    frag_rate_warning: float = 1.0
+    mtu_all_netns: bool = False
+    mtu_max_netns: int = 64
+    mtu_audit_interval: float = 30.0
+    mtu_recent_entries: int = 256
+    mtu_max_interfaces: int = 512
     bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
     synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
 
@@ -109,6 +115,14 @@ class Config:
         if not 0 < self.conntrack_pressure_percent <= self.conntrack_full_percent <= 100:
             raise ConfigError("conntrack thresholds: need 0 < --conntrack-pressure-percent <= "
                               "--conntrack-full-percent <= 100")
+        if self.frag_rate_warning <= 0:
+            raise ConfigError("--frag-rate-warning must be > 0 (fragments per second)")
+        if not 1 <= self.mtu_max_netns <= 4096:
+            raise ConfigError("--mtu-max-netns must be within 1..4096")
+        if not 5 <= self.mtu_audit_interval <= 3600:
+            raise ConfigError(f"--mtu-audit-interval: {self.mtu_audit_interval}s is outside 5s..1h")
+        if not 1 <= self.mtu_recent_entries <= 65536:
+            raise ConfigError("--mtu-recent-entries must be within 1..65536")
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -55,7 +55,8 @@ def run_in(path: str, fn: Callable[[], Any]) -> Any:
 
 def enumerate_netns(limit: int) -> tuple[dict[int, str], int]:
     """Distinct network namespaces: {inode: a path to it}, from /run/netns and /proc/*/ns/net,
-    the daemon's own first. Returns (found, how many more were skipped by ``limit``)."""
+    the calling thread's own first (as /proc/thread-self/ns/net: open it from this thread).
+    Returns (found, how many more were skipped by ``limit``)."""
     found: dict[int, str] = {}
     skipped = 0
 
@@ -69,7 +70,7 @@ def enumerate_netns(limit: int) -> tuple[dict[int, str], int]:
             return
         found[ino] = path
 
-    add("/proc/self/ns/net")
+    add("/proc/thread-self/ns/net")
     try:
         for name in sorted(os.listdir("/run/netns")):
             add(os.path.join("/run/netns", name))

@@ -57,7 +57,7 @@ def build_report(manager, ring: SnapshotRing, window_seconds: float, features) -
 EXIT_CODES = {"ok": 0, "warning": 1, "critical": 2}
 # Remediation lines starting with one of these are shown as shell commands ("$ ...").
 SHELL_COMMANDS = frozenset({"sysctl", "nft", "iptables-save", "conntrack", "ss", "ip", "perf",
-                            "ethtool", "tc", "kubectl", "echo", "cat"})
+                            "ethtool", "tc", "kubectl", "echo", "cat", "helm", "nsenter"})
 
 
 def _fmt_value(value: Any) -> str:

@@ -9,12 +9,16 @@ from __future__ import annotations
 from .base import Probe
 from .conntrack import ConntrackProbe
 from .drops import DropsProbe
+from .frag import FragProbe
+from .mtu import MtuProbe
 
 # Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
 # the drops probe's NETFILTER_DROP count), so providers come first.
 PROBES: tuple[type[Probe], ...] = (
     DropsProbe,
     ConntrackProbe,
+    FragProbe,
+    MtuProbe,
 )
 
 

@@ -299,3 +299,30 @@ def test_full_conntrack_table_over_http(daemon, net):
     assert "conntrack.table_full" in body and "$ sysctl -w net.netfilter.nf_conntrack_max=131072" in body
     for c in conns:
         c.close()
+
+
+def test_vxlan_black_hole_reported_with_safe_mtu(dpwatch_bin):
+    """The classic black hole: VXLAN over a 1500 underlay, pods left at 1500. The real daemon,
+    in the node netns, reports mtu.mismatch with the safe MTU 1450 and the exact commands."""
+    from test_mtuaudit_kernel import overlay_node  # the kernel tier's topology builder
+    with Lab(pods=2) as lab:
+        overlay_node(lab, vxlan_mtu=1500)
+        d = DaemonProc(dpwatch_bin, lab.node, PORT + 2, "--probes", "drops,mtu", "--mtu-all-netns")
+        try:
+            d.wait_ready()
+            text = d.get("/metrics")[2]
+            report = json.loads(d.get("/diagnose?format=json")[2])
+            body = d.get("/diagnose")[2]
+        finally:
+            d.stop()
+    assert metric(text, "dpwatch_mtu_mismatches") >= 3  # the vxlan and the two pod pairs
+    assert 'dpwatch_interface_mtu_bytes{interface="vxlan42",kind="vxlan"} 1500.0' in text
+    f = next(f for f in report["findings"] if f["id"] == "mtu.mismatch")
+    assert f["severity"] == "critical" and report["findings"][0]["id"] == "mtu.mismatch"
+    assert f["evidence"]["safe_mtu"] == 1450
+    kinds = {m["kind"] for m in f["evidence"]["mismatches"]}
+    assert {"overlay_too_big", "pod_above_overlay"} <= kinds
+    assert any(r.startswith("ip link set dev vxlan42 mtu 1450") for r in f["remediation"])
+    assert any("ip link set dev" in r and "mtu 1450" in r and "netns exec" in r for r in f["remediation"])
+    assert any("Calico" in r or "calico" in r for r in f["remediation"])
+    assert "mtu.mismatch" in body and "$ ip link set dev vxlan42 mtu 1450" in body

@@ -78,8 +78,8 @@ def test_parse_listen_port_out_of_range():
 # -- probe lists -----------------------------------------------------------------------------
 
 def test_parse_probe_list():
-    assert probe_names() == ["drops", "conntrack"]
-    assert parse_probe_list("all", "--probes") == ["drops", "conntrack"]
+    assert probe_names() == ["drops", "conntrack", "frag", "mtu"]
+    assert parse_probe_list("all", "--probes") == ["drops", "conntrack", "frag", "mtu"]
     assert parse_probe_list("drops", "--probes") == ["drops"]
     assert parse_probe_list(" drops , ", "--probes") == ["drops"]
     assert parse_probe_list("", "--disable") == []
@@ -90,23 +90,23 @@ def test_parse_probe_list():
 
 def test_default_config_is_valid():
     cfg = Config().validate()
-    assert cfg.probes == ["drops", "conntrack"]
-    assert cfg.enabled_probes == ["drops", "conntrack"]
+    assert cfg.probes == ["drops", "conntrack", "frag", "mtu"]
+    assert cfg.enabled_probes == ["drops", "conntrack", "frag", "mtu"]
     assert cfg.disable == [] and cfg.require == []
 
 
 def test_config_strings_are_parsed():
     cfg = Config(probes="all", disable="drops", require="").validate()
-    assert cfg.probes == ["drops", "conntrack"]
+    assert cfg.probes == ["drops", "conntrack", "frag", "mtu"]
     assert cfg.disable == ["drops"]
-    assert cfg.enabled_probes == ["conntrack"]
+    assert cfg.enabled_probes == ["conntrack", "frag", "mtu"]
 
 
 @pytest.mark.parametrize("field", ["probes", "disable", "require"])
 def test_unknown_probe_is_named(field):
     with pytest.raises(ConfigError) as err:
         Config(**{field: "drops,bogus,nosuch"}).validate()
-    assert str(err.value) == f"--{field}: unknown probe(s) bogus, nosuch; known: drops, conntrack"
+    assert str(err.value) == f"--{field}: unknown probe(s) bogus, nosuch; known: drops, conntrack, frag, mtu"
 
 
 def test_require_of_a_disabled_probe():
