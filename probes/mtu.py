@@ -174,7 +174,10 @@ class MtuProbe(Probe):
         info["issues"] = issues
         info["pmtu"] = list(snap.pmtu) if snap else []
         return {"counters": counters,
-                "gauges": {"interface_mtu": mtus, "mismatches": {(): len(issues)}},
+                "gauges": {"interface_mtu": mtus,
+                           # flagged links (a veth pair with unequal ends is two), as the metric says
+                           "mismatches": {(): len({(d["netns"], d["name"]) for i in issues
+                                                   for d in i.devices})}},
                 "info": info}
 
     def metrics(self, reading: Reading) -> Iterable:
