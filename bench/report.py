@@ -70,7 +70,7 @@ def render(r: dict) -> str:
     """The whole report; a section whose data is incomplete (its stage failed part-way) says
     so instead of breaking the report."""
     L: list[str] = []
-    for section in (_head, _section1, _section2, _section3, _section4, _tail):
+    for section in (_head, _section1, _section2, _section2b, _section3, _section4, _tail):
         try:
             section(r, L)
         except Exception as exc:  # noqa: BLE001 - the stage's own error is listed at the end
@@ -184,6 +184,48 @@ def _section2(r: dict, L: list[str]) -> None:
                          f(e["ns_per_run"], ".1f"), f(e["bpftool_ns_per_run"], ".1f")] for e in bc.get("export", [])])
     else:
         L.append("no result")
+    L.append("")
+
+
+def _section2b(r: dict, L: list[str]) -> None:
+    tp = r.get("tap")
+    if tp is None:
+        return  # stage not run
+    L.append("## 2b. Packet tap, informative (not budgeted): AF_PACKET ETH_P_ALL + eBPF socket filter")
+    L.append("")
+    if not tp.get("pairs"):
+        L.append("no result")
+        L.append("")
+        return
+    rows = []
+    for p in tp["pairs"]:
+        off, on = p["off"], p["on"]
+        rows.append([p["pair"], f"{off['drop'].rx_pps:,.0f}", f"{on['drop'].rx_pps:,.0f}", f"{p['ratio']:.4f}",
+                     f"{off['fwd'].rx_pps:,.0f}", f"{on['fwd'].rx_pps:,.0f}", f"{p['fwd_ratio']:.4f}"])
+    L += table(["pair", "drop pps off", "drop pps tap", "tap/off", "fwd pps off", "fwd pps tap", "tap/off"], rows)
+    L.append("")
+    L.append(f"- `bench/tap_probe.py` (BCC, its own process in the node netns, no dpwatch running): a socket filter "
+             f"that reads the IPv4 frag_off and counts MF / offset != 0 in a per-CPU array, returns 0 (keeps "
+             f"nothing), attached with `BPF.attach_raw_socket` to every node-netns interface "
+             f"({', '.join(tp.get('ifaces') or []) or '?'}). bpf_stats off for the pairs.")
+    L.append(f"- **drop path**: median tap/off ratio **{tp['median_ratio']:.4f}** (loss {tp['loss_pct']:+.2f} %); "
+             f"per-pair {tp['ratio_min']:.4f} .. {tp['ratio_max']:.4f}. The tap sees each packet once (veth rx).")
+    L.append(f"- **forwarded path**: median tap/off ratio **{tp['median_fwd_ratio']:.4f}** (loss "
+             f"{tp['fwd_loss_pct']:+.2f} %); per-pair {tp['fwd_ratio_min']:.4f} .. {tp['fwd_ratio_max']:.4f}. The tap "
+             "sees each packet twice (veth rx, ifb tx; on tx `dev_queue_xmit_nit` clones the skb before the filter).")
+    rows = []
+    for key, label in (("cost_drop", "drop path"), ("cost_forward", "forwarded path")):
+        c = tp.get(key)
+        if c:
+            for p in c["programs"]:
+                rows.append([label, p["id"], p["name"], p["type"], f"{p['runs']:,}", f(p["ns_per_run"], ".1f"),
+                             f"{p['runs_per_s']:,.0f}", f"{c['load_rx_pps']:,.0f}", f"{c['runs_per_pkt']:.2f}"])
+    if rows:
+        L.append("- the filter's own cost, bpf_stats_enabled=1 (bpftool run_time_ns / run_cnt over the load); this "
+                 "is only the program, not the packet_rcv / ptype delivery / clone around it:")
+        L.append("")
+        L += table(["load", "id", "name", "type", "runs", "ns/run", "runs/s", "rx pps (stats on)", "runs per packet"],
+                   rows)
     L.append("")
 
 

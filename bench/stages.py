@@ -138,10 +138,10 @@ def _export(text: str) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def _program_costs(ctx: Context, start, seconds: float, what: str, sample=None) -> dict:
+def _program_costs(ctx: Context, start, seconds: float, what: str, sample=None, target: str = "drop") -> dict:
     """Starts something that loads BPF programs (start() -> handle with .stop()), finds its
-    programs by the id diff, runs the drop-path load and reads run_time_ns/run_cnt around it.
-    ``sample(handle)`` is called right before and after the load (the daemon's own export)."""
+    programs by the id diff, runs the drop-path load (or ``target``) and reads run_time_ns/run_cnt
+    around it. ``sample(handle)`` is called right before and after the load (the daemon's own export)."""
     before = set(bpf_progs(ctx.tools))
     h = start()
     try:
@@ -151,7 +151,7 @@ def _program_costs(ctx: Context, start, seconds: float, what: str, sample=None) 
             raise BenchError(f"{what}: no BPF program appeared after it started")
         s0 = sample(h) if sample else None
         t0 = time.monotonic()
-        load = _udp(ctx, seconds)
+        load = _udp(ctx, seconds, target)
         p1 = bpf_progs(ctx.tools)
         t1 = time.monotonic()
         s1 = sample(h) if sample else None
@@ -168,7 +168,7 @@ def _program_costs(ctx: Context, start, seconds: float, what: str, sample=None) 
         progs.append({"id": pid, "name": b["name"], "type": b["type"], "runs": cnt, "ns": ns,
                       "ns_per_run": ns / cnt if cnt else float("nan"), "runs_per_s": cnt / (t1 - t0)})
     if not any(p["runs"] for p in progs):
-        raise BenchError(f"{what}: its programs never ran under the drop-path load")
+        raise BenchError(f"{what}: its programs never ran under the {target} load")
     return {"programs": progs, "load_rx_pps": load.rx_pps, "left_after_stop": left,
             "max_ns_per_run": max(p["ns_per_run"] for p in progs if p["runs"]), "samples": (s0, s1)}
 
@@ -250,6 +250,98 @@ class _EmptyProbe:
 def _scrape(ctx: Context, d: Daemon) -> str:
     lat, body = timed_gets(ctx.lab.node, d.port, "/metrics", 1, warmup=0)
     return body
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. Packet tap (informative): an AF_PACKET ETH_P_ALL socket with an eBPF socket filter on
+# every interface of the node netns, the candidate design for per-interface fragment counts.
+
+class _TapProbe:
+    """bench/tap_probe.py in its own process group inside the node netns (the venv's
+    interpreter, for bcc). stop() checks that its program is gone."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.before = set(bpf_progs(ctx.tools))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tap_probe.py")
+        self.proc = Proc("tap-probe", [sys.executable, script], ctx.lab.node, ctx.tools, logdir=ctx.logdir,
+                         group=True)
+        deadline = time.monotonic() + 120
+        while "ready" not in self.proc.output():
+            if not self.proc.alive() or time.monotonic() > deadline:
+                out = self.proc.output()
+                self.proc.stop()
+                raise BenchError(f"tap probe did not attach:\n{out}")
+            time.sleep(0.1)
+        line = next(ln for ln in self.proc.output().splitlines() if ln.startswith("ready"))
+        self.ifaces = line.split()[2].split(",") if len(line.split()) > 2 else []
+        self.fragments = None
+
+    def stop(self) -> None:
+        rc = self.proc.stop()
+        try:  # the log is closed by stop(): read the file (the "fragments" line comes at exit)
+            with open(self.proc.log.name, errors="replace") as f:
+                out = f.read()[-3000:]
+        except OSError:
+            out = ""
+        for ln in out.splitlines():
+            if ln.startswith("fragments "):
+                self.fragments = int(ln.split()[1])
+        if rc != 0:
+            raise BenchError(f"tap probe exited {rc}:\n{out}")
+        self.proc.remove_log()
+        # A socket's filter is released after an RCU grace period, not at close(): poll a while.
+        deadline = time.monotonic() + 10
+        while True:
+            left = [pid for pid, p in bpf_progs(self.ctx.tools).items()
+                    if pid not in self.before and p["type"] == "socket_filter" and p["name"] == "tap_frag"]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if left:
+            raise BenchError(f"tap probe: program(s) {left} still loaded after it exited")
+
+
+def tap_cost(ctx: Context, res: dict, log) -> None:
+    s = ctx.settings
+    res["pairs"] = pairs = []
+    if s.warmup_seconds > 0:
+        log(f"  warm-up: trafgen {s.warmup_seconds:g}s (discarded)")
+        _udp(ctx, s.warmup_seconds)
+
+    def half() -> dict:
+        return {"drop": _udp(ctx, s.udp_seconds), "fwd": _udp(ctx, s.fwd_seconds, "forward")}
+
+    # bpf_stats stays off for the pairs (it adds two clock reads per run).
+    for i in range(1, s.pairs + 1):
+        row = {"pair": i, "off": half()}
+        t = _TapProbe(ctx)
+        try:
+            row["on"] = half()
+        finally:
+            t.stop()
+        res["ifaces"] = t.ifaces
+        row["ratio"] = row["on"]["drop"].rx_pps / row["off"]["drop"].rx_pps
+        row["fwd_ratio"] = row["on"]["fwd"].rx_pps / row["off"]["fwd"].rx_pps
+        pairs.append(row)
+        log(f"  tap pair {i}/{s.pairs}: drop-path pps off {row['off']['drop'].rx_pps:,.0f} "
+            f"on {row['on']['drop'].rx_pps:,.0f} (x{row['ratio']:.3f}); forward off "
+            f"{row['off']['fwd'].rx_pps:,.0f} on {row['on']['fwd'].rx_pps:,.0f} (x{row['fwd_ratio']:.3f})")
+    for key, name in (("ratio", ""), ("fwd_ratio", "fwd_")):
+        v = [r[key] for r in pairs]
+        res[f"median_{key}"] = median(v)
+        res[f"{name}loss_pct"] = (1 - median(v)) * 100
+        res[f"{key}_min"], res[f"{key}_max"] = min(v), max(v)
+
+    ctx.sysctl.set("1")
+    try:
+        for target, seconds in (("drop", s.bpf_load_seconds), ("forward", s.fwd_seconds)):
+            log(f"  tap, bpf_stats on: {target} load {seconds:g}s")
+            c = _program_costs(ctx, lambda: _TapProbe(ctx), seconds, f"tap ({target})", target=target)
+            c["runs_per_pkt"] = sum(p["runs_per_s"] for p in c["programs"]) / c["load_rx_pps"]
+            res[f"cost_{target}"] = c
+    finally:
+        ctx.sysctl.restore()
 
 
 # --------------------------------------------------------------------------------------------
