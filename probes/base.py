@@ -108,6 +108,9 @@ class Probe:
     modes: tuple[Mode, ...] = ()         # best first
     error_slots: dict[str, str] = {}     # C macro -> map or stage name, for dpw_errors
     description: str = ""
+    # Every finding id this probe can emit ("<probe>.<name>"). docs/findings.md documents
+    # each one, and a test holds the code and the doc to the same list.
+    finding_ids: tuple[str, ...] = ()
 
     def __init__(self, config: Any):
         self.config = config

@@ -187,6 +187,7 @@ class ConntrackProbe(Probe):
     name = "conntrack"
     bpf_source = "conntrack.c"
     description = "conntrack table fill, drops, early drops and insert failures, with their netns"
+    finding_ids = ('conntrack.table_full', 'conntrack.table_pressure', 'conntrack.insert_failed')
     modes = (
         Mode("kprobe",
              (Hook("procfs", CT_MAX_SYSCTL), Hook("headers", "exact"),

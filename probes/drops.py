@@ -56,6 +56,7 @@ class DropsProbe(Probe):
     name = "drops"
     bpf_source = "drops.c"
     description = "packet drops by kernel drop reason and protocol, with top drop locations"
+    finding_ids = ('drops.socket_receive_buffer', 'drops.listen_overflow', 'drops.netfilter', 'drops.top_reasons')
     modes = (
         Mode("tracepoint",
              (Hook("tracepoint", "skb:kfree_skb"), Hook("tracepoint_field", "skb:kfree_skb:reason")),

@@ -46,6 +46,7 @@ class FragProbe(Probe):
     name = "frag"
     bpf_source = None
     description = "IP fragments created, fragmentation failures, reassembly failures and timeouts"
+    finding_ids = ('frag.fragmentation_active', 'frag.reassembly_failures')
     modes = (
         Mode("snmp", (Hook("procfs", "/proc/net/snmp"),),
              "kernel snmp counters of the daemon's netns, plus frag drop reasons from the drops probe",

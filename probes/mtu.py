@@ -39,6 +39,7 @@ class MtuProbe(Probe):
     name = "mtu"
     bpf_source = "mtu.c"
     description = "MTU audit (veth/bridge/overlay mismatches, route MTUs, PMTU cache) and ICMP frag-needed"
+    finding_ids = ('mtu.mismatch', 'mtu.pmtu_frag_needed')
     modes = (
         Mode("kprobe", (Hook("tracepoint", "icmp:icmp_send"), Hook("kprobe", "icmp_unreach"),
                         Hook("headers", "exact")),
