@@ -6,13 +6,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from . import apimodels as M
 from .collector import make_registry
 from .config import ConfigError, parse_duration
+from .render_html import render_html
 from .triage import build_report, render_text
 
 MIN_WINDOW_SECONDS = 1.0
@@ -40,18 +42,32 @@ def parse_window(value: str | None, default: float, maximum: float) -> float:
     return seconds
 
 
-def wants_json(fmt: str | None, accept: str) -> bool:
+REPORT_FORMATS = ("text", "json", "html")
+
+
+def report_format(fmt: str | None, accept: str) -> str:
+    """?format= wins; else the Accept header: the first of text/html or application/json it
+    lists (browsers ask for text/html first), else text."""
     if fmt is not None and fmt != "":
-        if fmt not in ("text", "json"):
-            raise BadRequest(f"format: {fmt!r} is not supported; use text or json")
-        return fmt == "json"
-    return "application/json" in (accept or "")
+        if fmt not in REPORT_FORMATS:
+            raise BadRequest(f"format: {fmt!r} is not supported; use text, json or html")
+        return fmt
+    accept = (accept or "").lower()
+    found = {name: accept.find(mime) for name, mime in (("html", "text/html"), ("json", "application/json"))}
+    found = {k: v for k, v in found.items() if v >= 0}
+    return min(found, key=found.get) if found else "text"
 
 
-def create_app(daemon) -> FastAPI:
-    app = FastAPI(title="dpwatch", version=__version__,
+def wants_json(fmt: str | None, accept: str) -> bool:
+    return report_format(fmt, accept) == "json"
+
+
+def create_app(daemon, web=None) -> FastAPI:
+    # No /docs or /redoc (they load scripts from a CDN); the spec itself is at /openapi.json.
+    app = FastAPI(title="dpwatch", version=__version__, docs_url=None, redoc_url=None,
                   description="Per-node eBPF datapath observer: metrics, probe status and a triage report.")
     registry = make_registry(daemon.manager, daemon.features)
+    _secure(app, daemon.config, web)
 
     @app.exception_handler(BadRequest)
     async def _bad_request(_: Request, exc: BadRequest):
@@ -66,7 +82,7 @@ def create_app(daemon) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
-    @app.get("/", response_class=PlainTextResponse)
+    @app.get("/", response_class=PlainTextResponse, responses=M.GUARDED)
     def index() -> str:
         return ("dpwatch " + __version__ + "\n"
                 "  /metrics    Prometheus metrics\n"
@@ -75,34 +91,52 @@ def create_app(daemon) -> FastAPI:
                 "  /healthz    process is alive\n"
                 "  /readyz     probes are loaded\n")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": M.PROM_TEXT}, **M.GUARDED})
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/probes")
+    @app.get("/probes", response_model=None, responses={200: {"model": M.ProbesBody}, **M.GUARDED})
     def probes() -> dict[str, Any]:
         return {"kernel": daemon.features.kernel_release,
                 "features": daemon.features.summary(),
                 "compile_seconds": round(daemon.manager.compile_seconds, 3),
                 "probes": daemon.manager.statuses()}
 
-    @app.get("/diagnose")
+    @app.get("/diagnose", responses={200: {"model": M.ReportBody, "content": M.TEXT}, **M.BAD_PARAM,
+                                     **M.GUARDED})
     def diagnose(request: Request, window: str | None = None, format: str | None = None):
-        as_json = wants_json(format, request.headers.get("accept", ""))
+        fmt = report_format(format, request.headers.get("accept", ""))
         seconds = parse_window(window, daemon.config.default_window, daemon.config.max_window)
         report = build_report(daemon.manager, daemon.ring, seconds, daemon.features)
-        if as_json:
+        if fmt == "json":
             return JSONResponse(report)
+        if fmt == "html":
+            return HTMLResponse(render_html(report))
         return PlainTextResponse(render_text(report))
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         return "ok\n"
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_class=PlainTextResponse,
+             responses={200: {"content": M.TEXT}, 503: {"content": M.TEXT, "description": "not ready"},
+                        **{k: v for k, v in M.GUARDED.items() if k != 503}})
     def readyz() -> Response:
         if daemon.ready:
             return PlainTextResponse("ready\n")
         return PlainTextResponse("not ready: no probe is attached\n", status_code=503)
 
     return app
+
+
+def _secure(app: FastAPI, config, web) -> None:
+    """The web config (basic auth, headers), the /diagnose and /probes restriction and the
+    concurrency limit, as one ASGI middleware (daemon/httpsec.py). TLS is the server's part."""
+    from .httpsec import SecurityMiddleware, load_web_config
+    path = getattr(config, "web_config_file", "")
+    if web is None and path:
+        web = load_web_config(path)
+    app.add_middleware(SecurityMiddleware, web=web,
+                       max_concurrent=int(getattr(config, "max_concurrent_requests", 0) or 0),
+                       restrict_loopback=getattr(config, "restrict_diagnose", "off") == "loopback",
+                       token=getattr(config, "diagnose_token", "") or "")

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drops-location-sample", type=int, default=int(_env("drops-location-sample", d.drops_location_sample)),
                    help="after the first 64 drops of a reason on a CPU, record the location of one "
                         "drop in N (a power of two; 1 = every drop) (default: %(default)s)")
+    g.add_argument("--drops-other-entries", type=int, default=int(_env("drops-other-entries", d.drops_other_entries)),
+                   help="entries of the in-kernel hash for reasons above the named ones (default: %(default)s)")
     c = common.add_argument_group("conntrack probe")
     c.add_argument("--conntrack-all-netns", action="store_true", default=None,
                    help="watch every netns under /run/netns and /proc/*/ns/net, labelled by "
@@ -134,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export dpwatch_bpf_program_run_seconds_total and _runs_total per BPF "
                           "program (turns on kernel BPF run-time stats while dpwatch runs; costs "
                           "a few ns per program run)")
+    h = run.add_argument_group("HTTP security and limits")
+    h.add_argument("--web-config-file", default=_env("web-config-file", ""),
+                   help="exporter-toolkit web config (YAML): tls_server_config (cert_file, key_file, "
+                        "client_auth_type, client_ca_file, min_version), basic_auth_users (bcrypt)")
+    h.add_argument("--restrict-diagnose", choices=("off", "loopback"),
+                   default=_env("restrict-diagnose", "off"),
+                   help="loopback: serve /diagnose and /probes to loopback clients only (a token, "
+                        "if set, still opens them to others) (default: %(default)s)")
+    h.add_argument("--diagnose-token", default=_env("diagnose-token", ""),
+                   help="require this token (header X-Dpwatch-Token or Authorization: Bearer) for "
+                        "/diagnose and /probes; prefer DPWATCH_DIAGNOSE_TOKEN or --diagnose-token-file")
+    h.add_argument("--diagnose-token-file", default=_env("diagnose-token-file", ""),
+                   help="read the /diagnose token from this file")
+    h.add_argument("--max-concurrent-requests", type=int,
+                   default=int(_env("max-concurrent-requests", d.max_concurrent_requests)),
+                   help="requests served at once; more get 503 (default: %(default)s)")
+    h.add_argument("--max-series-per-metric", type=int,
+                   default=int(_env("max-series-per-metric", d.max_series_per_metric)),
+                   help="series per metric; more fold into label value \"other\" and count in "
+                        "dpwatch_series_overflow_total (default: %(default)s)")
     run.add_argument("--synthetic-series", type=int, default=int(_env("synthetic-series", 0)),
                      help=argparse.SUPPRESS)  # benchmark: N extra series to load the collector
 
@@ -156,6 +178,7 @@ def config_from_args(args) -> Config:
         drops_rate_warning=args.drops_rate_warning, drops_rate_critical=args.drops_rate_critical,
         drops_location_entries=args.drops_location_entries, log_level=args.log_level,
         drops_location_sample=args.drops_location_sample,
+        drops_other_entries=args.drops_other_entries,
         conntrack_all_netns=(bool(args.conntrack_all_netns) if args.conntrack_all_netns is not None
                              else _env_bool("conntrack-all-netns")),
         conntrack_max_netns=args.conntrack_max_netns,
@@ -173,6 +196,12 @@ def config_from_args(args) -> Config:
         cfg.default_window = parse_duration(args.window, "--window")
         cfg.bpf_stats = bool(args.bpf_stats) if args.bpf_stats is not None else _env_bool("bpf-stats")
         cfg.synthetic_series = args.synthetic_series
+        from .httpsec import read_token
+        cfg.web_config_file = args.web_config_file
+        cfg.restrict_diagnose = args.restrict_diagnose
+        cfg.diagnose_token = read_token(args.diagnose_token, args.diagnose_token_file)
+        cfg.max_concurrent_requests = args.max_concurrent_requests
+        cfg.max_series_per_metric = args.max_series_per_metric
     elif args.command == "diagnose":
         cfg.report_format = args.format
         seconds = parse_duration(args.window, "--window")
@@ -299,14 +328,33 @@ def cmd_run(cfg) -> int:
     daemon.start_sampler()
     _Server = _server_class()
     host, port = parse_listen(cfg.listen)
-    app = create_app(daemon)
+    from .httpsec import load_web_config
+    try:
+        web = load_web_config(cfg.web_config_file) if cfg.web_config_file else None
+    except ConfigError as exc:  # checked at start-up too; the file may have changed since
+        print(f"dpwatch: error: {exc}", file=sys.stderr)
+        daemon.stop()
+        return EX_USAGE
+    app = create_app(daemon, web)
     # Start-up objects (imports, the app) live for the whole run: keep the garbage collector
     # from walking them again on every full collection (shorter pauses in scrapes).
     gc.collect()
     gc.freeze()
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
-    log.info("serving on http://%s:%d (/metrics /diagnose /probes /healthz /readyz)", host, port)
+    tls = web.tls if web is not None else None
+
+    class _Config(uvicorn.Config):
+        def load(self) -> None:
+            super().load()
+            if tls is not None:  # our context: min/max version and client certificates
+                self.ssl = tls.context()
+
+    # proxy_headers off: the peer address (the loopback check) is never taken from a header.
+    server = _Server(_Config(app, host=host, port=port, log_level="warning", access_log=False,
+                             lifespan="off", proxy_headers=False, server_header=False,
+                             ssl_certfile=tls.cert_file if tls else None,
+                             ssl_keyfile=tls.key_file if tls else None))
+    log.info("serving on %s://%s:%d (/metrics /diagnose /probes /healthz /readyz)",
+             "https" if tls else "http", host, port)
     try:
         server.run()  # handles SIGTERM and SIGINT: stops accepting, finishes requests
     except SystemExit:

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
 from ..probes.base import State
+from .limits import DEFAULT_MAX_SERIES, SeriesLimiter
 
 log = logging.getLogger("dpwatch.collector")
 
@@ -18,6 +19,8 @@ class DpwatchCollector(Collector):
     def __init__(self, manager, features):
         self.manager = manager
         self.features = features
+        cap = int(getattr(manager.config, "max_series_per_metric", 0) or DEFAULT_MAX_SERIES)
+        self.limiter = SeriesLimiter(cap)
 
     def collect(self):
         start = time.monotonic()
@@ -27,9 +30,12 @@ class DpwatchCollector(Collector):
             if reading is None:
                 continue
             try:
-                yield from probe.metrics(reading)
+                # Collected first, then yielded: a probe that fails half-way yields nothing.
+                families = [self.limiter.apply(fam) for fam in probe.metrics(reading)]
             except Exception as exc:  # one probe's bug must not break the scrape
                 log.warning("probe %s metrics failed: %s", name, exc)
+                continue
+            yield from families
 
         up = GaugeMetricFamily("dpwatch_probe_up", "1 when the probe is attached and collecting "
                                "(a degraded fallback mode counts as up), 0 otherwise.",
@@ -57,6 +63,21 @@ class DpwatchCollector(Collector):
         for name in self.manager.active():
             cerr.add_metric([name], mgr.get("collect_errors", {}).get(name, 0))
         yield cerr
+
+        lost = CounterMetricFamily("dpwatch_events_lost", "Events a probe saw but could not "
+                                   "record, by stage: map_update (an in-kernel map was full), "
+                                   "collect (a read of the maps failed), or a probe's own stage "
+                                   "(e.g. a perf or ring buffer overrun).", labels=["probe", "stage"])
+        for (probe, stage), value in sorted(mgr.get("events_lost", {}).items()):
+            lost.add_metric([probe, stage], value)
+        yield lost
+
+        over = CounterMetricFamily("dpwatch_series_overflow", "Label sets of a metric folded into "
+                                   "its \"other\" series because the metric reached "
+                                   "--max-series-per-metric.", labels=["metric"])
+        for metric, value in sorted(self.limiter.overflow().items()):
+            over.add_metric([metric], value)
+        yield over
 
         if getattr(self.manager.config, "bpf_stats", False):
             secs = CounterMetricFamily("dpwatch_bpf_program_run_seconds", "Time spent running each "

@@ -82,6 +82,12 @@ class Config:
     mtu_max_interfaces: int = 512
     bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
     synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
+    # HTTP hardening (daemon/httpsec.py) and bounds (daemon/limits.py)
+    web_config_file: str = ""     # exporter-toolkit web config: TLS, basic auth, headers
+    restrict_diagnose: str = "off"  # "loopback": /diagnose and /probes for loopback clients only
+    diagnose_token: str = field(default="", repr=False)  # or a token (X-Dpwatch-Token / Bearer)
+    max_concurrent_requests: int = 16
+    max_series_per_metric: int = 2000
 
     def validate(self) -> "Config":
         parse_listen(self.listen)
@@ -125,6 +131,15 @@ class Config:
             raise ConfigError("--mtu-recent-entries must be within 1..65536")
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
+        if self.restrict_diagnose not in ("off", "loopback"):
+            raise ConfigError(f"--restrict-diagnose: {self.restrict_diagnose!r} is not off or loopback")
+        if not 1 <= self.max_concurrent_requests <= 4096:
+            raise ConfigError(f"--max-concurrent-requests: {self.max_concurrent_requests} is outside 1..4096")
+        if not 1 <= self.max_series_per_metric <= 1_000_000:
+            raise ConfigError(f"--max-series-per-metric: {self.max_series_per_metric} is outside 1..1000000")
+        if self.web_config_file:
+            from .httpsec import load_web_config
+            load_web_config(self.web_config_file)  # raises ConfigError naming the problem
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not debug, info, warning or error")
         return self

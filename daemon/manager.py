@@ -253,10 +253,32 @@ class ProbeManager:
                 except Exception as exc:
                     self.collect_errors[name] = self.collect_errors.get(name, 0) + 1
                     log.warning("probe %s collect failed: %s", name, exc)
-            readings["_manager"] = {"counters": {"map_update_errors": self._read_errors(),
-                                                 "collect_errors": dict(self.collect_errors)},
+            errors = self._read_errors()
+            readings["_manager"] = {"counters": {"map_update_errors": errors,
+                                                 "collect_errors": dict(self.collect_errors),
+                                                 "events_lost": self._lost_events(errors)},
                                     "gauges": {}}
             return readings
+
+    def _lost_events(self, errors: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        """(probe, stage) -> events lost: map_update (a full in-kernel map: the sum of the
+        probe's map-update errors), collect (failed reads), and any stage a probe reports
+        itself through an optional ``lost_events() -> {stage: count}`` (perf/ring buffers)."""
+        out: dict[tuple[str, str], int] = {}
+        for name, probe in self.probes.items():
+            st = self.status.get(name)
+            if st is None or st.state not in (State.ATTACHED, State.DEGRADED):
+                continue
+            out[(name, "map_update")] = sum(v for (p, _m), v in errors.items() if p == name)
+            out[(name, "collect")] = self.collect_errors.get(name, 0)
+            own = getattr(probe, "lost_events", None)
+            if callable(own):
+                try:
+                    for stage, value in own().items():
+                        out[(name, str(stage))] = int(value)
+                except Exception as exc:
+                    log.debug("probe %s lost_events failed: %s", name, exc)
+        return out
 
     def _read_errors(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {slot: 0 for slot in self.error_slots}

@@ -1,0 +1,187 @@
+"""Unit tests for the series cap (daemon/limits.py), its wiring in the collector, and the
+bounds of every user-space structure the daemon keeps (snapshot ring, symbol cache, auth
+cache, series memory). The collector test uses a stand-in manager: the kernel tier
+(tests/kernel/test_faults_kernel.py) runs the same cap over real maps."""
+
+from __future__ import annotations
+
+import subprocess
+import shutil
+
+import pytest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from dpwatch.daemon.collector import DpwatchCollector
+from dpwatch.daemon.config import Config
+from dpwatch.daemon.kallsyms import KallsymsResolver
+from dpwatch.daemon.limits import OTHER, SeriesLimiter
+from dpwatch.daemon.snapshots import SnapshotRing
+from dpwatch.probes.base import Probe, State
+
+
+def family(values: dict[tuple[str, str], float]) -> CounterMetricFamily:
+    fam = CounterMetricFamily("dpwatch_test_things", "things", labels=["reason", "protocol"])
+    for labels, v in values.items():
+        fam.add_metric(list(labels), v)
+    return fam
+
+
+def series(fam) -> dict[tuple, float]:
+    return {(s.labels["reason"], s.labels["protocol"]): s.value for s in fam.samples}
+
+
+def test_cap_keeps_the_largest_and_folds_the_rest_into_other():
+    lim = SeriesLimiter(3)
+    out = lim.apply(family({("a", "ipv4"): 5, ("b", "ipv4"): 50, ("c", "ipv4"): 1,
+                            ("d", "ipv6"): 20, ("e", "ipv6"): 2}))
+    assert series(out) == {("b", "ipv4"): 50, ("d", "ipv6"): 20, ("a", "ipv4"): 5,
+                           (OTHER, OTHER): 3}
+    assert lim.overflow() == {"dpwatch_test_things": 2}
+
+
+def test_admission_is_sticky_and_overflow_counts_distinct_label_sets():
+    lim = SeriesLimiter(2)
+    lim.apply(family({("a", "x"): 10, ("b", "x"): 9, ("c", "x"): 1}))
+    # c grows past a and b: it still folds (a series never moves once it has its own).
+    out = lim.apply(family({("a", "x"): 11, ("b", "x"): 9, ("c", "x"): 100}))
+    assert series(out) == {("a", "x"): 11, ("b", "x"): 9, (OTHER, OTHER): 100}
+    assert lim.overflow()["dpwatch_test_things"] == 1  # c again: not counted twice
+    out = lim.apply(family({("a", "x"): 12, ("b", "x"): 9, ("c", "x"): 100, ("d", "x"): 7}))
+    assert series(out)[(OTHER, OTHER)] == 107
+    assert lim.overflow()["dpwatch_test_things"] == 2
+
+
+def test_under_the_cap_nothing_changes_and_unlabelled_families_pass():
+    lim = SeriesLimiter(5)
+    fam = family({("a", "x"): 1, ("b", "x"): 2})
+    assert lim.apply(fam) is fam
+    g = GaugeMetricFamily("dpwatch_test_single", "one", value=3)
+    assert lim.apply(g) is g
+    assert lim.overflow() == {"dpwatch_test_things": 0}
+
+
+def test_idle_series_free_their_slot():
+    now = [0.0]
+    lim = SeriesLimiter(1, idle_seconds=60, clock=lambda: now[0])
+    lim.apply(family({("a", "x"): 1}))
+    out = lim.apply(family({("b", "x"): 1}))
+    assert series(out) == {(OTHER, OTHER): 1}
+    now[0] = 61.0  # a has not been seen for a minute: b gets the slot
+    out = lim.apply(family({("b", "x"): 2}))
+    assert series(out) == {("b", "x"): 2}
+
+
+def test_folded_memory_is_bounded():
+    lim = SeriesLimiter(2)
+    for i in range(1000):
+        lim.apply(family({("keep1", "x"): 9, ("keep2", "x"): 9, (f"r{i}", "x"): 1}))
+    fam = lim._families["dpwatch_test_things"]
+    assert len(fam.admitted) == 2
+    assert len(fam.folded) == 8  # 4 * max_series
+    assert lim.overflow()["dpwatch_test_things"] == 1000
+
+
+def test_limiter_rejects_a_zero_cap():
+    with pytest.raises(ValueError):
+        SeriesLimiter(0)
+
+
+# ---- the collector: cap applied to probe families, overflow exported ------------------------
+
+class _ManyProbe(Probe):
+    name = "many"
+
+    def __init__(self, config, n):
+        super().__init__(config)
+        self.n = n
+
+    def metrics(self, reading):
+        fam = CounterMetricFamily("dpwatch_many_events", "events by key", labels=["key"])
+        for i in range(self.n):
+            fam.add_metric([f"k{i:03d}"], float(i + 1))
+        yield fam
+
+
+class _Status:
+    def __init__(self, name):
+        self.name, self.state, self.mode = name, State.ATTACHED, "test"
+
+
+class _Manager:
+    """Stand-in for ProbeManager: one probe with ``n`` series, no kernel."""
+
+    def __init__(self, cfg, n):
+        self.config = cfg
+        self.probe = _ManyProbe(cfg, n)
+        self.status = {"many": _Status("many")}
+        self.compile_seconds = 0.0
+
+    def collect(self):
+        return {"many": {"counters": {}, "gauges": {}},
+                "_manager": {"counters": {"map_update_errors": {("many", "m"): 3},
+                                          "collect_errors": {},
+                                          "events_lost": {("many", "map_update"): 3,
+                                                          ("many", "collect"): 0}}}}
+
+    def active(self):
+        return {"many": self.probe}
+
+
+class _Features:
+    kernel_release = "test"
+
+
+def test_collector_caps_series_and_exports_overflow_and_events_lost():
+    cfg = Config()
+    cfg.max_series_per_metric = 10
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(DpwatchCollector(_Manager(cfg, 25), _Features()))
+    text = generate_latest(reg).decode()
+    rows = [ln for ln in text.splitlines() if ln.startswith("dpwatch_many_events_total{")]
+    assert len(rows) == 11  # 10 of their own + other
+    # The 10 largest keep their series; the 15 smallest (1..15) sum to 120 in "other".
+    assert 'dpwatch_many_events_total{key="other"} 120.0' in rows
+    assert 'dpwatch_many_events_total{key="k024"} 25.0' in rows
+    assert 'dpwatch_series_overflow_total{metric="dpwatch_many_events"} 15.0' in text
+    assert 'dpwatch_events_lost_total{probe="many",stage="map_update"} 3.0' in text
+    assert 'dpwatch_bpf_map_update_errors_total{map="m",probe="many"} 3.0' in text
+    promtool = shutil.which("promtool")
+    if promtool:  # Debian prometheus: installed by deploy/setup.sh --test
+        res = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+        assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
+# ---- bounds of the other user-space structures ------------------------------------------------
+
+def test_snapshot_ring_never_grows_past_its_size():
+    ring = SnapshotRing(5)
+    for i in range(1000):
+        ring.append({"x": i})
+    assert len(ring) == 5 and ring.oldest().readings == {"x": 995}
+
+
+def test_config_bounds_the_ring_by_max_window():
+    cfg = Config()
+    cfg.snapshot_interval, cfg.max_window = 1.0, 300.0
+    assert cfg.ring_size == 302
+
+
+def test_symbol_cache_is_bounded(tmp_path):
+    path = tmp_path / "kallsyms"
+    path.write_text("".join(f"{0xffffffff81000000 + i * 0x100:x} T fn{i}\n" for i in range(100)))
+    res = KallsymsResolver(str(path), cache_size=16)
+    for start in range(0, 100, 10):
+        res.resolve([0xffffffff81000000 + i * 0x100 + 4 for i in range(start, start + 10)])
+    assert len(res._cache) == 16
+
+
+def test_basic_auth_success_cache_is_bounded():
+    import bcrypt
+    from dpwatch.daemon.httpsec import BasicAuth
+    users = {f"u{i}": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)) for i in range(BasicAuth.CACHE + 20)}
+    auth = BasicAuth(users)
+    for user in users:
+        assert auth.check(user, "pw")
+    assert len(auth._ok) == BasicAuth.CACHE
