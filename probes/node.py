@@ -1,0 +1,207 @@
+"""node: the node audit, as a user-space probe.
+
+The audit (daemon/nodeaudit.py) reads the settings the field tunes again and again
+(conntrack size, somaxconn, the ephemeral port range, tcp_tw_reuse, netdev_max_backlog,
+socket buffer limits, congestion control, inotify limits, netfilter rule counts, overlay
+devices) on the sampler thread every --node-audit-interval, in the daemon's netns. Each
+snapshot adds the cheap counters that say whether a limit is being hit right now (listen
+overflows, socket buffer errors, backlog drops, conntrack drops and peak use), so a check is
+"info" on a quiet node and "warning" when the window shows the limit biting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterable
+
+from prometheus_client.core import GaugeMetricFamily
+
+from ..daemon import nodeaudit
+from ..daemon.snmp import parse_snmp, parse_snmp6
+from .base import Finding, Hook, Mode, Probe, Reading, Window
+
+log = logging.getLogger("dpwatch.node")
+
+
+def parse_softnet_dropped(text: str) -> int:
+    """Column 2 of /proc/net/softnet_stat (hex, one row per CPU): packets dropped because the
+    CPU's input backlog (netdev_max_backlog) was full."""
+    total = 0
+    for line in text.split("\n"):
+        parts = line.split()
+        if len(parts) >= 2:
+            total += int(parts[1], 16)
+    return total
+
+
+def parse_ct_drops(text: str) -> int:
+    """The 'drop' column of /proc/net/stat/nf_conntrack, summed over CPUs."""
+    rows = [ln.split() for ln in text.strip().splitlines() if ln.strip()]
+    if len(rows) < 2 or "drop" not in rows[0]:
+        return 0
+    i = rows[0].index("drop")
+    return sum(int(r[i], 16) for r in rows[1:] if len(r) > i)
+
+
+class NodeProbe(Probe):
+    name = "node"
+    bpf_source = None
+    description = ("node audit: conntrack size, somaxconn, port range, tw_reuse, backlog, socket "
+                   "buffers, congestion control, inotify, netfilter rule count, overlays")
+    finding_ids = ("node.conntrack_max_low", "node.somaxconn_low", "node.port_range_small",
+                   "node.tcp_tw_reuse_off", "node.netdev_max_backlog_low", "node.socket_buffers_small",
+                   "node.congestion_control", "node.inotify_limits_low", "netfilter.rule_count_high",
+                   "node.overlay_in_use")
+    modes = (
+        Mode("audit", (Hook("procfs", "/proc/sys/net/core/somaxconn"),),
+             "sysctls, /proc/net/tcp, nfnetlink and iptables-legacy rule counts, rtnetlink links",
+             bpf=False),
+    )
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._files: dict[str, Any] = {}
+        self._worker = None
+        self._lock = threading.Lock()
+        self.facts: nodeaudit.Facts | None = None
+        self.audit_error = ""
+        self._audit_at = 0.0
+        self.audit_seconds = 0.0
+        self.peak = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def attach(self, module) -> None:
+        self.module = module
+        self._attached = []
+        # Held open from the attaching thread, so they stay bound to the daemon's netns.
+        for key, path in (("netstat", "/proc/thread-self/net/netstat"),
+                          ("snmp", "/proc/thread-self/net/snmp"),
+                          ("snmp6", "/proc/thread-self/net/snmp6"),
+                          ("softnet", "/proc/net/softnet_stat"),
+                          ("ct_stat", "/proc/thread-self/net/stat/nf_conntrack"),
+                          ("ct_count", "/proc/sys/net/netfilter/nf_conntrack_count")):
+            try:
+                self._files[key] = open(path, "rb", buffering=0)
+            except OSError:
+                pass
+        from ..daemon.netns import NetnsWorker
+        self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-node")
+        self.run_audit()
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        super().close()
+
+    def run_audit(self) -> None:
+        start = time.monotonic()
+        try:
+            facts = self._worker.call(nodeaudit.gather, timeout=60)
+            err = ""
+        except Exception as exc:  # the audit must never take the daemon down
+            log.warning("node audit failed: %s", exc)
+            facts, err = self.facts, f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self.facts, self.audit_error = facts, err
+            self._audit_at = time.monotonic()
+            self.audit_seconds = self._audit_at - start
+
+    def background(self) -> None:
+        if time.monotonic() - self._audit_at >= self.config.node_audit_interval:
+            self.run_audit()
+
+    # -- collection -------------------------------------------------------------------------------
+    def _read(self, key: str) -> str | None:
+        fh = self._files.get(key)
+        if fh is None:
+            return None
+        try:
+            return os.pread(fh.fileno(), 1 << 20, 0).decode()
+        except OSError:
+            return None
+
+    def collect(self) -> Reading:
+        c: dict[tuple[str], int] = {}
+        text = self._read("netstat")
+        if text:
+            c[("listen_overflows",)] = parse_snmp(text).get("TcpExt", {}).get("ListenOverflows", 0)
+        text = self._read("snmp")
+        errs = 0
+        if text:
+            udp = parse_snmp(text).get("Udp", {})
+            errs += udp.get("RcvbufErrors", 0) + udp.get("SndbufErrors", 0)
+        text = self._read("snmp6")
+        if text:
+            v6 = parse_snmp6(text)
+            errs += v6.get("Udp6RcvbufErrors", 0) + v6.get("Udp6SndbufErrors", 0)
+        c[("buffer_errors",)] = errs
+        text = self._read("softnet")
+        if text:
+            c[("backlog_drops",)] = parse_softnet_dropped(text)
+        text = self._read("ct_stat")
+        if text:
+            c[("conntrack_drops",)] = parse_ct_drops(text)
+        text = self._read("ct_count")
+        if text and text.strip().isdigit():
+            self.peak = max(self.peak, int(text))
+        with self._lock:
+            facts = self.facts
+        return {"counters": {"limits": c}, "gauges": {"conntrack_peak": {(): self.peak}},
+                "info": {"facts": facts}}
+
+    def metrics(self, reading: Reading) -> Iterable:
+        facts = reading.get("info", {}).get("facts")
+        rules = GaugeMetricFamily("dpwatch_netfilter_rules", "Netfilter rules in the daemon's netns, "
+                                  "counted by the kernel (nf_tables dump, iptables-legacy tables).",
+                                  labels=["backend"])
+        socks = GaugeMetricFamily("dpwatch_tcp_sockets", "TCP sockets in the daemon's netns by state "
+                                  "(at the last node audit).", labels=["state"])
+        if facts is not None:
+            for backend, key in (("nftables", "nft_rules"), ("iptables-legacy", "iptables_legacy_rules"),
+                                 ("ip6tables-legacy", "ip6tables_legacy_rules")):
+                value = facts.netfilter.get(key)
+                if value is not None:
+                    rules.add_metric([backend], value)
+            for state, n in sorted(facts.tcp_states.items()):
+                socks.add_metric([state], n)
+        yield rules
+        yield socks
+
+    def info(self) -> dict[str, Any]:
+        facts = self.facts
+        return {"audit_interval_seconds": self.config.node_audit_interval,
+                "audit_seconds": round(self.audit_seconds, 3), "audit_error": self.audit_error,
+                "read_errors": facts.errors if facts else {}}
+
+    # -- findings -----------------------------------------------------------------------------------
+    def diagnose(self, window: Window) -> list[Finding]:
+        facts = window.new.get("info", {}).get("facts")
+        if facts is None:
+            return []
+        d = {k[0]: int(v) for k, v in window.delta("limits").items()}
+        results = nodeaudit.check(
+            facts, conntrack_peak=window.new["gauges"]["conntrack_peak"].get(()),
+            conntrack_drops=d.get("conntrack_drops", 0), listen_overflows=d.get("listen_overflows", 0),
+            buffer_errors=d.get("buffer_errors", 0), backlog_drops=d.get("backlog_drops", 0),
+            netfilter_threshold=int(self.config.netfilter_rules_warning))
+        out = []
+        for r in results:
+            ev = {k: v for k, v in r.evidence.items() if v is not None}
+            rate_impact = window.rate(r.impact) if r.id in EVENT_IMPACT else 0.0
+            out.append(Finding(id=r.id, probe=self.name, severity=r.severity, title=r.title,
+                               summary=r.summary, evidence=ev, remediation=r.remediation,
+                               impact=rate_impact))
+        return out
+
+
+# Checks whose impact is a count of events in the window (made a rate here); the others
+# measure a level (sockets, rules), not events per second, and rank by severity alone.
+EVENT_IMPACT = frozenset({"node.conntrack_max_low", "node.somaxconn_low",
+                          "node.netdev_max_backlog_low", "node.socket_buffers_small"})
