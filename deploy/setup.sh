@@ -125,4 +125,15 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || ! "$venv/bin/
   touch "$stamp"
 fi
 "$venv/bin/python" -c "import bcc" 2>/dev/null || { echo "setup: 'import bcc' fails in $venv (python3-bpfcc missing?)" >&2; exit 1; }
+
+# --- the dashboards' schema check (tests/unit/test_dashboards.py): typescript and @grafana/schema
+# from npm, pinned by dashboards/package-lock.json, into dashboards/node_modules; offline after that.
+if [ "$want_test" = 1 ]; then
+  command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+  dash="$here/dashboards"
+  if [ ! -f "$dash/node_modules/.package-lock.json" ] || [ "$dash/package-lock.json" -nt "$dash/node_modules/.package-lock.json" ]; then
+    say "installing the dashboards' schema check (npm ci in $dash)"
+    (cd "$dash" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+fi
 say "ready: $venv/bin/dpwatch"
