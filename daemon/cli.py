@@ -113,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit links in every netns (pod sides of veth pairs included), not just the daemon's")
     m.add_argument("--mtu-audit-interval", default=_env("mtu-audit-interval", "30s"),
                    help="how often the MTU audit runs (default: %(default)s)")
+    s = common.add_argument_group("softirq probe")
+    s.add_argument("--softirq-hooks", default=_env("softirq-hooks", d.softirq_hooks),
+                   help="auto (the cheapest the kernel has), raw_tracepoint, tracepoint, or procfs "
+                        "(no BPF: softnet_stat and /proc/stat only) (default: %(default)s)")
+    s.add_argument("--softirq-saturated-percent", type=float,
+                   default=float(_env("softirq-saturated-percent", d.softirq_saturated_percent)),
+                   help="share of a CPU's time in NET_RX+NET_TX that raises softirq.cpu_saturated "
+                        "(default: %(default)s)")
+    s.add_argument("--softirq-imbalance-ratio", type=float,
+                   default=float(_env("softirq-imbalance-ratio", d.softirq_imbalance_ratio)),
+                   help="busiest CPU's net softirq time over the mean of all CPUs that raises "
+                        "softirq.imbalance (default: %(default)s)")
+    s.add_argument("--softirq-latency-threshold", default=_env("softirq-latency-threshold", "1ms"),
+                   help="p99 raise-to-run latency of NET_RX/NET_TX that raises softirq.latency_high "
+                        "(default: %(default)s)")
+    s.add_argument("--softirq-squeeze-rate", type=float,
+                   default=float(_env("softirq-squeeze-rate", d.softirq_squeeze_rate)),
+                   help="time squeezes per second that raise softnet.time_squeeze (default: %(default)s)")
+    s.add_argument("--softirq-steal-percent", type=float,
+                   default=float(_env("softirq-steal-percent", d.softirq_steal_percent)),
+                   help="CPU steal share that raises cpu.steal (default: %(default)s)")
+    s.add_argument("--softirq-napi-devices", type=int,
+                   default=int(_env("softirq-napi-devices", d.softirq_napi_devices)),
+                   help="devices counted by name for NAPI budget exhaustion; more are counted as "
+                        "device \"(overflow)\" (default: %(default)s)")
+    _dns_flags(common, d)
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
                    help="debug, info, warning or error (default: %(default)s)")
@@ -188,6 +214,13 @@ def config_from_args(args) -> Config:
         mtu_all_netns=(bool(args.mtu_all_netns) if args.mtu_all_netns is not None
                        else _env_bool("mtu-all-netns")),
         mtu_audit_interval=parse_duration(args.mtu_audit_interval, "--mtu-audit-interval"),
+        softirq_hooks=args.softirq_hooks,
+        softirq_saturated_percent=args.softirq_saturated_percent,
+        softirq_imbalance_ratio=args.softirq_imbalance_ratio,
+        softirq_latency_threshold=parse_duration(args.softirq_latency_threshold, "--softirq-latency-threshold"),
+        softirq_squeeze_rate=args.softirq_squeeze_rate,
+        softirq_steal_percent=args.softirq_steal_percent,
+        softirq_napi_devices=args.softirq_napi_devices,
     )
     if args.command == "run":
         cfg.listen = args.listen

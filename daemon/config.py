@@ -80,6 +80,13 @@ class Config:
     mtu_audit_interval: float = 30.0
     mtu_recent_entries: int = 256
     mtu_max_interfaces: int = 512
+    softirq_hooks: str = "auto"           # auto, raw_tracepoint, tracepoint or procfs
+    softirq_saturated_percent: float = 50.0
+    softirq_imbalance_ratio: float = 1.5
+    softirq_latency_threshold: float = 0.001  # seconds
+    softirq_squeeze_rate: float = 1.0     # time squeezes per second
+    softirq_steal_percent: float = 5.0
+    softirq_napi_devices: int = 256
     bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
     synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
     # HTTP hardening (daemon/httpsec.py) and bounds (daemon/limits.py)
@@ -129,6 +136,23 @@ class Config:
             raise ConfigError(f"--mtu-audit-interval: {self.mtu_audit_interval}s is outside 5s..1h")
         if not 1 <= self.mtu_recent_entries <= 65536:
             raise ConfigError("--mtu-recent-entries must be within 1..65536")
+        if self.softirq_hooks not in ("auto", "raw_tracepoint", "tracepoint", "procfs"):
+            raise ConfigError(f"--softirq-hooks: {self.softirq_hooks!r} is not auto, raw_tracepoint, "
+                              "tracepoint or procfs")
+        if not 0 < self.softirq_saturated_percent <= 100:
+            raise ConfigError(f"--softirq-saturated-percent: {self.softirq_saturated_percent:g} is outside (0, 100]")
+        if not self.softirq_imbalance_ratio > 1:
+            raise ConfigError(f"--softirq-imbalance-ratio: {self.softirq_imbalance_ratio:g} must be > 1 "
+                              "(the busiest CPU's net softirq time over the mean of all CPUs)")
+        if not 1e-6 <= self.softirq_latency_threshold <= 10:
+            raise ConfigError(f"--softirq-latency-threshold: {self.softirq_latency_threshold:g}s is "
+                              "outside 1us..10s")
+        if not self.softirq_squeeze_rate > 0:
+            raise ConfigError("--softirq-squeeze-rate must be > 0 (time squeezes per second)")
+        if not 0 < self.softirq_steal_percent <= 100:
+            raise ConfigError(f"--softirq-steal-percent: {self.softirq_steal_percent:g} is outside (0, 100]")
+        if not 1 <= self.softirq_napi_devices <= 65536:
+            raise ConfigError("--softirq-napi-devices must be within 1..65536")
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
         if self.restrict_diagnose not in ("off", "loopback"):

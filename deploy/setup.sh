@@ -43,6 +43,8 @@ if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
   pkgs+=(prometheus dnsmasq-base netsniff-ng sockperf prometheus-node-exporter)
   # the least-privilege test runs the daemon under capsh with only the DaemonSet's capabilities
   pkgs+=(libcap2-bin)
+  # the softirq probe's bench stage runs bcc's softirqs tool (/usr/sbin/softirqs-bpfcc) side by side
+  pkgs+=(bpfcc-tools)
 fi
 
 missing=()

@@ -11,6 +11,7 @@ from .conntrack import ConntrackProbe
 from .drops import DropsProbe
 from .frag import FragProbe
 from .mtu import MtuProbe
+from .softirq import SoftirqProbe
 
 # Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
 # the drops probe's NETFILTER_DROP count), so providers come first.
@@ -19,6 +20,7 @@ PROBES: tuple[type[Probe], ...] = (
     ConntrackProbe,
     FragProbe,
     MtuProbe,
+    SoftirqProbe,
 )
 
 

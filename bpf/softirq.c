@@ -1,0 +1,178 @@
+/* softirq: where each CPU's softirq time goes, how long a raised softirq waits to run, and
+ * which devices' NAPI polls use their whole budget.
+ *
+ * Hooks (irq:softirq_entry/exit/raise as tracepoints, or as raw tracepoints with
+ * SOFTIRQ_RAW=1: both hand over the vector number only; napi:napi_poll as a tracepoint in
+ * both cases, because only the tracepoint carries the device name).
+ *
+ * Maps (all bounded, nothing per packet reaches user space):
+ *   softirq_cur    per-CPU, 1 slot: the vector running on this CPU and when it started
+ *                  (softirqs never nest on one CPU)
+ *   softirq_vec    per-CPU array indexed by vector: time, entries, and the raise-to-run
+ *                  latency (first raise of a pending vector -> its entry) as a log2 histogram
+ *   softirq_napi   hash by device name: polls with work == budget (bounded; when it is full
+ *                  the poll is counted in softirq_napi_over and in dpw_errors)
+ *
+ * Parameters (-D, set by probes/softirq.py):
+ *   SOFTIRQ_RAW          1: raw tracepoints for the irq events, 0: tracepoints
+ *   SOFTIRQ_NVEC         vectors the running kernel names (softirq_entry's format)
+ *   SOFTIRQ_HIST_SLOTS   log2 latency buckets (slot s holds latencies below 2^s ns)
+ *   SOFTIRQ_NAPI_MAX     devices in softirq_napi
+ *   SOFTIRQ_ERR_VEC, SOFTIRQ_ERR_NAPI   error slots in dpw_errors
+ */
+#ifndef SOFTIRQ_RAW
+#define SOFTIRQ_RAW 0
+#endif
+#ifndef SOFTIRQ_NVEC
+#define SOFTIRQ_NVEC 10
+#endif
+#ifndef SOFTIRQ_HIST_SLOTS
+#define SOFTIRQ_HIST_SLOTS 32
+#endif
+#ifndef SOFTIRQ_NAPI_MAX
+#define SOFTIRQ_NAPI_MAX 256
+#endif
+
+struct softirq_cur {
+    u64 ts;
+    u32 vec;
+    u32 pad;
+};
+BPF_PERCPU_ARRAY(softirq_cur, struct softirq_cur, 1);
+
+struct softirq_vec_stat {
+    u64 ns;          /* time spent in the handler */
+    u64 entries;     /* handler runs (what /proc/softirqs counts) */
+    u64 raised;      /* when the pending vector was first raised (0: not pending) */
+    u64 lat_ns;      /* sum of raise-to-run latencies */
+    u64 lat_count;
+    u64 hist[SOFTIRQ_HIST_SLOTS];
+};
+BPF_PERCPU_ARRAY(softirq_vec, struct softirq_vec_stat, SOFTIRQ_NVEC);
+
+struct softirq_dev {
+    char name[16];   /* IFNAMSIZ */
+};
+BPF_HASH(softirq_napi, struct softirq_dev, u64, SOFTIRQ_NAPI_MAX);
+BPF_PERCPU_ARRAY(softirq_napi_over, u64, 1);
+
+static __always_inline u32 softirq_slot(u64 v)
+{
+    u32 s = bpf_log2l(v);  /* floor(log2 v) + 1 for v >= 1: v < 2^s */
+    return s < SOFTIRQ_HIST_SLOTS ? s : SOFTIRQ_HIST_SLOTS - 1;
+}
+
+static __always_inline int softirq_on_raise(u32 vec)
+{
+    if (vec >= SOFTIRQ_NVEC) {
+        dpw_count_error(SOFTIRQ_ERR_VEC);
+        return 0;
+    }
+    struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
+    if (st && !st->raised)
+        st->raised = bpf_ktime_get_ns();
+    return 0;
+}
+
+static __always_inline int softirq_on_entry(u32 vec)
+{
+    if (vec >= SOFTIRQ_NVEC) {
+        dpw_count_error(SOFTIRQ_ERR_VEC);
+        return 0;
+    }
+    u64 now = bpf_ktime_get_ns();
+    u32 zero = 0;
+    struct softirq_cur *cur = softirq_cur.lookup(&zero);
+    if (cur) {
+        cur->ts = now;
+        cur->vec = vec;
+    }
+    struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
+    if (!st)
+        return 0;
+    st->entries++;
+    if (st->raised) {
+        u64 d = now > st->raised ? now - st->raised : 0;
+        st->raised = 0;
+        st->lat_ns += d;
+        st->lat_count++;
+        u32 slot = softirq_slot(d);
+        if (slot < SOFTIRQ_HIST_SLOTS)
+            st->hist[slot]++;
+    }
+    return 0;
+}
+
+static __always_inline int softirq_on_exit(u32 vec)
+{
+    u32 zero = 0;
+    struct softirq_cur *cur = softirq_cur.lookup(&zero);
+    if (!cur || !cur->ts || cur->vec != vec || vec >= SOFTIRQ_NVEC)
+        return 0;
+    u64 d = bpf_ktime_get_ns() - cur->ts;
+    cur->ts = 0;
+    struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
+    if (st)
+        st->ns += d;
+    return 0;
+}
+
+#if SOFTIRQ_RAW
+RAW_TRACEPOINT_PROBE(softirq_entry)
+{
+    return softirq_on_entry((u32)ctx->args[0]);
+}
+
+RAW_TRACEPOINT_PROBE(softirq_exit)
+{
+    return softirq_on_exit((u32)ctx->args[0]);
+}
+
+RAW_TRACEPOINT_PROBE(softirq_raise)
+{
+    return softirq_on_raise((u32)ctx->args[0]);
+}
+#else
+TRACEPOINT_PROBE(irq, softirq_entry)
+{
+    return softirq_on_entry(args->vec);
+}
+
+TRACEPOINT_PROBE(irq, softirq_exit)
+{
+    return softirq_on_exit(args->vec);
+}
+
+TRACEPOINT_PROBE(irq, softirq_raise)
+{
+    return softirq_on_raise(args->vec);
+}
+#endif
+
+TRACEPOINT_PROBE(napi, napi_poll)
+{
+    if (args->budget <= 0 || args->work < args->budget)
+        return 0;
+    struct softirq_dev key = {};
+    TP_DATA_LOC_READ_STR(key.name, dev_name, sizeof(key.name));
+    u64 *n = softirq_napi.lookup(&key);
+    if (n) {
+        __sync_fetch_and_add(n, 1);
+        return 0;
+    }
+    u64 one = 1;
+    if (softirq_napi.insert(&key, &one) != 0) {
+        /* A racing CPU may have added this device since the lookup: count there. */
+        n = softirq_napi.lookup(&key);
+        if (n) {
+            __sync_fetch_and_add(n, 1);
+            return 0;
+        }
+        u32 zero = 0;
+        u64 *over = softirq_napi_over.lookup(&zero);
+        if (over)
+            (*over)++;
+        dpw_count_error(SOFTIRQ_ERR_NAPI);
+    }
+    return 0;
+}
