@@ -41,12 +41,13 @@ examples:
   curl -s localhost:9400/diagnose?window=5m  # what went wrong in the last 5 minutes
   dpwatch check                              # which probes can load on this kernel, and why not
   dpwatch diagnose --window 30s --format json
+  dpwatch diagnose --url http://node:9400     # a running daemon's report, rendered here
 
 probes: {', '.join(probe_names())}
 
 exit codes: 0 ok; diagnose: 1 warning, 2 critical; {EX_NOT_LOADED} probes could not load
 (or a --require'd probe is down, or --strict and any probe is down); {EX_SERVE} cannot
-listen; {EX_USAGE} bad usage.
+listen; 69 diagnose --url cannot reach the daemon; {EX_USAGE} bad usage.
 """
 
 
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit links in every netns (pod sides of veth pairs included), not just the daemon's")
     m.add_argument("--mtu-audit-interval", default=_env("mtu-audit-interval", "30s"),
                    help="how often the MTU audit runs (default: %(default)s)")
+    na = common.add_argument_group("node audit")
+    na.add_argument("--node-audit-interval", default=_env("node-audit-interval", "60s"),
+                    help="how often the node audit (sysctls, sockets, netfilter rules) runs (default: %(default)s)")
+    na.add_argument("--netfilter-rules-warning", type=int,
+                    default=int(_env("netfilter-rules-warning", d.netfilter_rules_warning)),
+                    help="netfilter rules (nftables plus iptables-legacy) that raise "
+                         "netfilter.rule_count_high (default: %(default)s)")
     s = common.add_argument_group("softirq probe")
     s.add_argument("--softirq-hooks", default=_env("softirq-hooks", d.softirq_hooks),
                    help="auto (the cheapest the kernel has), raw_tracepoint, tracepoint, or procfs "
@@ -190,10 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diagnose", parents=[common], help="one-shot triage report",
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    diag.add_argument("--window", default=_env("window", "10s"),
-                      help="how long to watch before reporting (default: %(default)s)")
-    diag.add_argument("--format", choices=("text", "json"), default=_env("format", "text"),
+    diag.add_argument("--window", default=_env("window"),
+                      help="how long to watch before reporting (default: 10s); with --url, the "
+                           "window the daemon reports on (default: the daemon's --window)")
+    diag.add_argument("--format", choices=("text", "json", "html"), default=_env("format", "text"),
                       help="report format (default: %(default)s)")
+    diag.add_argument("--url", default=_env("url", ""),
+                      help="ask a running daemon instead of loading probes here, e.g. "
+                           "http://node:9400 (its /diagnose?format=json, rendered locally; "
+                           "user:password@ in the URL for basic auth, DPWATCH_DIAGNOSE_TOKEN for "
+                           "the /diagnose token)")
     return parser
 
 
@@ -214,6 +228,8 @@ def config_from_args(args) -> Config:
         mtu_all_netns=(bool(args.mtu_all_netns) if args.mtu_all_netns is not None
                        else _env_bool("mtu-all-netns")),
         mtu_audit_interval=parse_duration(args.mtu_audit_interval, "--mtu-audit-interval"),
+        node_audit_interval=parse_duration(args.node_audit_interval, "--node-audit-interval"),
+        netfilter_rules_warning=args.netfilter_rules_warning,
         softirq_hooks=args.softirq_hooks,
         softirq_saturated_percent=args.softirq_saturated_percent,
         softirq_imbalance_ratio=args.softirq_imbalance_ratio,
@@ -237,7 +253,9 @@ def config_from_args(args) -> Config:
         cfg.max_series_per_metric = args.max_series_per_metric
     elif args.command == "diagnose":
         cfg.report_format = args.format
-        seconds = parse_duration(args.window, "--window")
+        cfg.report_url = args.url
+        cfg.report_window_given = args.window is not None
+        seconds = parse_duration(args.window or "10s", "--window")
         cfg.default_window = max(1.0, seconds)
         cfg.max_window = max(cfg.default_window, cfg.snapshot_interval)
     return cfg.validate()
@@ -278,9 +296,92 @@ def cmd_check(cfg) -> int:
         daemon.stop()
 
 
+EX_UNREACHABLE = 69  # diagnose --url: the daemon could not be reached or gave no report
+
+
+def fetch_report(url: str, window: float | None, timeout: float = 30.0) -> dict:
+    """GET <url>/diagnose?format=json from a running daemon. Raises ConfigError for answers
+    that say the request was wrong (4xx), OSError when the daemon cannot be reached or
+    gives no report."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/diagnose"):
+        path += "/diagnose"
+    query = {"format": "json"}
+    if window is not None:
+        query["window"] = f"{window:g}s"
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    full = urllib.parse.urlunsplit((parts.scheme, netloc, path, urllib.parse.urlencode(query), ""))
+    headers = {"Accept": "application/json"}
+    if parts.username:
+        cred = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+    token = os.environ.get("DPWATCH_DIAGNOSE_TOKEN")
+    if token:
+        headers["X-Dpwatch-Token"] = token
+    try:
+        with urllib.request.urlopen(urllib.request.Request(full, headers=headers), timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except (ValueError, AttributeError):
+            pass
+        msg = f"{full} answered {exc.code}: {str(detail).strip()[:300]}"
+        if 400 <= exc.code < 500 and exc.code not in (401, 403):
+            raise ConfigError(msg) from None
+        raise OSError(msg) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OSError(f"cannot reach the daemon at {full}: {reason}") from None
+    try:
+        report = json.loads(body)
+        report["status"], report["findings"]  # noqa: B018  the shape a report has
+    except (ValueError, KeyError, TypeError):
+        raise OSError(f"{full} did not answer with a dpwatch report (is it a dpwatch daemon?)") from None
+    return report
+
+
+def print_report(report: dict, fmt: str) -> None:
+    from .render_html import render_html
+    from .triage import render_text
+    if fmt == "json":
+        print(json.dumps(report, indent=2))
+    elif fmt == "html":
+        sys.stdout.write(render_html(report))
+    else:
+        sys.stdout.write(render_text(report))
+
+
+def cmd_diagnose_url(cfg) -> int:
+    from .triage import EXIT_CODES
+    if not cfg.report_url.startswith(("http://", "https://")):
+        print(f"dpwatch: error: --url: {cfg.report_url!r} is not an http:// or https:// URL", file=sys.stderr)
+        return EX_USAGE
+    try:
+        report = fetch_report(cfg.report_url, cfg.default_window if cfg.report_window_given else None)
+    except ConfigError as exc:
+        print(f"dpwatch: error: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except OSError as exc:
+        print(f"dpwatch: error: {exc}", file=sys.stderr)
+        return EX_UNREACHABLE
+    print_report(report, cfg.report_format)
+    return EXIT_CODES.get(report["status"], EX_UNREACHABLE)
+
+
 def cmd_diagnose(cfg) -> int:
     from .service import Daemon
-    from .triage import EXIT_CODES, build_report, render_text
+    from .triage import EXIT_CODES, build_report
     daemon = Daemon(cfg)
     stop = {"now": False}
 
@@ -302,10 +403,7 @@ def cmd_diagnose(cfg) -> int:
         except KeyboardInterrupt:
             pass
         report = build_report(daemon.manager, daemon.ring, cfg.default_window, daemon.features)
-        if cfg.report_format == "json":
-            print(json.dumps(report, indent=2))
-        else:
-            sys.stdout.write(render_text(report))
+        print_report(report, cfg.report_format)
         return EXIT_CODES[report["status"]]
     finally:
         daemon.stop()
@@ -421,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     logging.basicConfig(level=getattr(logging, cfg.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "diagnose" and cfg.report_url:
+        return cmd_diagnose_url(cfg)  # no probes here: neither root nor BPF needed
     if os.geteuid() != 0:
         print("dpwatch: warning: not root; loading BPF needs CAP_BPF, CAP_PERFMON and "
               "CAP_SYS_ADMIN (or root)", file=sys.stderr)

@@ -69,6 +69,8 @@ class Config:
     drops_location_sample: int = 16
     log_level: str = "info"
     report_format: str = "text"  # `dpwatch diagnose --format`
+    report_url: str = ""         # `dpwatch diagnose --url`: ask a running daemon
+    report_window_given: bool = False  # --window given with --url (else the daemon's default)
     conntrack_all_netns: bool = False
     conntrack_max_netns: int = 64
     conntrack_recent_entries: int = 256
@@ -80,6 +82,8 @@ class Config:
     mtu_audit_interval: float = 30.0
     mtu_recent_entries: int = 256
     mtu_max_interfaces: int = 512
+    node_audit_interval: float = 60.0    # how often the node audit runs (sampler thread)
+    netfilter_rules_warning: int = 10000  # netfilter rules that raise netfilter.rule_count_high
     softirq_hooks: str = "auto"           # auto, raw_tracepoint, tracepoint or procfs
     softirq_saturated_percent: float = 50.0
     softirq_imbalance_ratio: float = 1.5
@@ -134,6 +138,10 @@ class Config:
             raise ConfigError("--mtu-max-netns must be within 1..4096")
         if not 5 <= self.mtu_audit_interval <= 3600:
             raise ConfigError(f"--mtu-audit-interval: {self.mtu_audit_interval}s is outside 5s..1h")
+        if not 5 <= self.node_audit_interval <= 3600:
+            raise ConfigError(f"--node-audit-interval: {self.node_audit_interval}s is outside 5s..1h")
+        if not 1 <= self.netfilter_rules_warning <= 10_000_000:
+            raise ConfigError("--netfilter-rules-warning must be within 1..10000000")
         if not 1 <= self.mtu_recent_entries <= 65536:
             raise ConfigError("--mtu-recent-entries must be within 1..65536")
         if self.softirq_hooks not in ("auto", "raw_tracepoint", "tracepoint", "procfs"):

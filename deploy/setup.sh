@@ -41,6 +41,9 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 nftables conntrack
 if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
   # promtool; the bench (its smoke run is part of the tests): trafgen, sockperf, node-exporter
   pkgs+=(prometheus dnsmasq-base netsniff-ng sockperf prometheus-node-exporter)
+  # the triage report's HTML view is checked in headless chromium; the node audit's
+  # iptables-legacy rule count is checked against rules that iptables-legacy loads
+  pkgs+=(chromium iptables)
   # the least-privilege test runs the daemon under capsh with only the DaemonSet's capabilities
   pkgs+=(libcap2-bin)
   # the softirq probe's bench stage runs bcc's softirqs tool (/usr/sbin/softirqs-bpfcc) side by side

@@ -11,6 +11,7 @@ from .conntrack import ConntrackProbe
 from .drops import DropsProbe
 from .frag import FragProbe
 from .mtu import MtuProbe
+from .node import NodeProbe
 from .softirq import SoftirqProbe
 
 # Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
@@ -21,6 +22,7 @@ PROBES: tuple[type[Probe], ...] = (
     FragProbe,
     MtuProbe,
     SoftirqProbe,
+    NodeProbe,
 )
 
 
