@@ -211,6 +211,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dns_flags(common: argparse.ArgumentParser, d: Config) -> None:
+    # String defaults from DPWATCH_* go through `type` too, so a bad variable exits 64 as well.
+    g = common.add_argument_group("dns probe")
+    g.add_argument("--dns-ports", default=_env("dns-ports", ",".join(map(str, d.dns_ports))),
+                   help="UDP server ports parsed as DNS, comma-separated, up to 8 (default: %(default)s)")
+    g.add_argument("--dns-timeout", default=_env("dns-timeout", "5s"),
+                   help="a query unanswered this long counts as a timeout (default: %(default)s)")
+    g.add_argument("--dns-names", default=_env("dns-names", d.dns_names),
+                   help="how names appear in /diagnose: full, suffix (last two labels), hashed "
+                        "(keyed hash) or off (no names kept at all) (default: %(default)s)")
+    g.add_argument("--dns-top-servers", type=int, default=_env("dns-top-servers", str(d.dns_top_servers)),
+                   help="DNS servers that get their own `server` label; the rest are \"other\" "
+                        "(default: %(default)s)")
+    g.add_argument("--dns-hook", default=_env("dns-hook", d.dns_hook),
+                   help="auto (tc classifier, else AF_PACKET socket filter), tc or socket (default: %(default)s)")
+    g.add_argument("--dns-pending-entries", type=int,
+                   default=_env("dns-pending-entries", str(d.dns_pending_entries)),
+                   help="in-kernel LRU of outstanding queries (default: %(default)s)")
+    g.add_argument("--dns-names-entries", type=int, default=_env("dns-names-entries", str(d.dns_names_entries)),
+                   help="in-kernel LRU of recent names (default: %(default)s)")
+    g.add_argument("--dns-latency-p99", default=_env("dns-latency-p99", "200ms"),
+                   help="p99 latency that raises dns.latency_high (default: %(default)s)")
+    g.add_argument("--dns-timeout-percent", type=float,
+                   default=_env("dns-timeout-percent", str(d.dns_timeout_percent)),
+                   help="timeouts, in %% of queries, that raise dns.timeouts (default: %(default)s)")
+    g.add_argument("--dns-error-percent", type=float, default=_env("dns-error-percent", str(d.dns_error_percent)),
+                   help="SERVFAIL and REFUSED, in %% of responses, that raise dns.errors (default: %(default)s)")
+    g.add_argument("--dns-nxdomain-percent", type=float,
+                   default=_env("dns-nxdomain-percent", str(d.dns_nxdomain_percent)),
+                   help="NXDOMAIN, in %% of responses, that raise dns.nxdomain_rate (default: %(default)s)")
+    g.add_argument("--dns-search-nxdomain-min", type=int,
+                   default=_env("dns-search-nxdomain-min", str(d.dns_search_nxdomain_min)),
+                   help="NXDOMAIN answers for one name across search suffixes in a window that raise "
+                        "dns.search_path_amplification (default: %(default)s)")
+    g.add_argument("--dns-cluster-domain", default=_env("dns-cluster-domain", d.dns_cluster_domain),
+                   help="the cluster's DNS domain, for search-path detection (default: %(default)s)")
+    g.add_argument("--dns-resolv-conf", default=_env("dns-resolv-conf", d.dns_resolv_conf),
+                   help="resolv.conf whose search list is also a search suffix (default: %(default)s)")
+
+
+def _dns_config(cfg: Config, args) -> None:
+    cfg.dns_ports = args.dns_ports
+    cfg.dns_timeout = parse_duration(args.dns_timeout, "--dns-timeout")
+    cfg.dns_names = args.dns_names
+    cfg.dns_top_servers = args.dns_top_servers
+    cfg.dns_hook = args.dns_hook
+    cfg.dns_pending_entries = args.dns_pending_entries
+    cfg.dns_names_entries = args.dns_names_entries
+    cfg.dns_latency_p99 = parse_duration(args.dns_latency_p99, "--dns-latency-p99")
+    cfg.dns_timeout_percent = args.dns_timeout_percent
+    cfg.dns_error_percent = args.dns_error_percent
+    cfg.dns_nxdomain_percent = args.dns_nxdomain_percent
+    cfg.dns_search_nxdomain_min = args.dns_search_nxdomain_min
+    cfg.dns_cluster_domain = args.dns_cluster_domain
+    cfg.dns_resolv_conf = args.dns_resolv_conf
+
+
 def config_from_args(args) -> Config:
     cfg = Config(
         probes=args.probes, disable=args.disable, require=args.require,
@@ -238,6 +295,7 @@ def config_from_args(args) -> Config:
         softirq_steal_percent=args.softirq_steal_percent,
         softirq_napi_devices=args.softirq_napi_devices,
     )
+    _dns_config(cfg, args)
     if args.command == "run":
         cfg.listen = args.listen
         cfg.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")

@@ -52,6 +52,24 @@ def parse_probe_list(text: str | list[str], flag: str) -> list[str]:
     return items
 
 
+def parse_ports(value: str | list, flag: str) -> list[int]:
+    """'53,5353' or [53, 5353] -> [53, 5353]: 1 to 8 distinct UDP ports in 1..65535."""
+    items = value if isinstance(value, list) else [p for p in re.split(r"[,\s]+", str(value)) if p]
+    ports: list[int] = []
+    for item in items:
+        try:
+            port = int(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag}: {item!r} is not a port number") from None
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{flag}: port {port} is outside 1..65535")
+        if port not in ports:
+            ports.append(port)
+    if not 1 <= len(ports) <= 8:
+        raise ConfigError(f"{flag}: give 1 to 8 ports (got {len(ports)})")
+    return ports
+
+
 @dataclass
 class Config:
     listen: str = "0.0.0.0:9400"
@@ -82,6 +100,21 @@ class Config:
     mtu_audit_interval: float = 30.0
     mtu_recent_entries: int = 256
     mtu_max_interfaces: int = 512
+    dns_ports: list[int] = field(default_factory=lambda: [53])  # UDP server ports the DNS probe parses
+    dns_timeout: float = 5.0              # a query unanswered this long is a timeout
+    dns_names: str = "suffix"             # privacy mode of names in /diagnose: full, suffix, hashed, off
+    dns_top_servers: int = 10             # servers with their own `server` label; the rest "other"
+    dns_hook: str = "auto"                # auto (tc, else socket), tc or socket
+    dns_pending_entries: int = 16384      # in-kernel LRU of outstanding queries
+    dns_names_entries: int = 1024         # in-kernel LRU of recent names
+    dns_servers_entries: int = 256        # in-kernel LRU of per-server counters
+    dns_latency_p99: float = 0.2          # seconds: p99 at or above raises dns.latency_high
+    dns_timeout_percent: float = 1.0      # timeouts (% of queries) that raise dns.timeouts
+    dns_error_percent: float = 1.0        # SERVFAIL+REFUSED (% of responses) that raise dns.errors
+    dns_nxdomain_percent: float = 20.0    # NXDOMAIN (% of responses) that raise dns.nxdomain_rate
+    dns_search_nxdomain_min: int = 10     # NXDOMAIN per name in a window for search-path amplification
+    dns_cluster_domain: str = "cluster.local"
+    dns_resolv_conf: str = "/etc/resolv.conf"  # the node's search list is read from here
     node_audit_interval: float = 60.0    # how often the node audit runs (sampler thread)
     netfilter_rules_warning: int = 10000  # netfilter rules that raise netfilter.rule_count_high
     softirq_hooks: str = "auto"           # auto, raw_tracepoint, tracepoint or procfs
@@ -161,6 +194,7 @@ class Config:
             raise ConfigError(f"--softirq-steal-percent: {self.softirq_steal_percent:g} is outside (0, 100]")
         if not 1 <= self.softirq_napi_devices <= 65536:
             raise ConfigError("--softirq-napi-devices must be within 1..65536")
+        self._validate_dns()
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
         if self.restrict_diagnose not in ("off", "loopback"):
@@ -175,6 +209,33 @@ class Config:
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not debug, info, warning or error")
         return self
+
+    def _validate_dns(self) -> None:
+        self.dns_ports = parse_ports(self.dns_ports, "--dns-ports")
+        if not 0.1 <= self.dns_timeout <= 300:
+            raise ConfigError(f"--dns-timeout: {self.dns_timeout:g}s is outside 100ms..300s")
+        if self.dns_names not in ("full", "suffix", "hashed", "off"):
+            raise ConfigError(f"--dns-names: {self.dns_names!r} is not full, suffix, hashed or off")
+        if self.dns_hook not in ("auto", "tc", "socket"):
+            raise ConfigError(f"--dns-hook: {self.dns_hook!r} is not auto, tc or socket")
+        if not 0 <= self.dns_top_servers <= 1000:
+            raise ConfigError(f"--dns-top-servers: {self.dns_top_servers} is outside 0..1000")
+        for flag, value, lo, hi in (("--dns-pending-entries", self.dns_pending_entries, 64, 1 << 20),
+                                    ("--dns-names-entries", self.dns_names_entries, 16, 65536),
+                                    ("--dns-servers-entries", self.dns_servers_entries, 4, 65536),
+                                    ("--dns-search-nxdomain-min", self.dns_search_nxdomain_min, 2, 1 << 30)):
+            if not lo <= value <= hi:
+                raise ConfigError(f"{flag}: {value} is outside {lo}..{hi}")
+        if not 0.0001 <= self.dns_latency_p99 <= 60:
+            raise ConfigError(f"--dns-latency-p99: {self.dns_latency_p99:g}s is outside 100us..60s")
+        for flag, value in (("--dns-timeout-percent", self.dns_timeout_percent),
+                            ("--dns-error-percent", self.dns_error_percent),
+                            ("--dns-nxdomain-percent", self.dns_nxdomain_percent)):
+            if not 0 < value <= 100:
+                raise ConfigError(f"{flag}: {value:g} is outside (0, 100]")
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?$",
+                        self.dns_cluster_domain or ""):
+            raise ConfigError(f"--dns-cluster-domain: {self.dns_cluster_domain!r} is not a domain name")
 
     @property
     def enabled_probes(self) -> list[str]:

@@ -41,11 +41,13 @@ pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 nftables conntrack
 if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
   # promtool; the bench (its smoke run is part of the tests): trafgen, sockperf, node-exporter
   pkgs+=(prometheus dnsmasq-base netsniff-ng sockperf prometheus-node-exporter)
+  # the least-privilege test runs the daemon under capsh with only the DaemonSet's capabilities
+  pkgs+=(libcap2-bin)
   # the triage report's HTML view is checked in headless chromium; the node audit's
   # iptables-legacy rule count is checked against rules that iptables-legacy loads
   pkgs+=(chromium iptables)
-  # the least-privilege test runs the daemon under capsh with only the DaemonSet's capabilities
-  pkgs+=(libcap2-bin)
+  # the DNS probe's tests run real resolvers in netns (dnsmasq comes with dnsmasq-base)
+  pkgs+=(unbound)
   # the softirq probe's bench stage runs bcc's softirqs tool (/usr/sbin/softirqs-bpfcc) side by side
   pkgs+=(bpfcc-tools)
 fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Probe
 from .conntrack import ConntrackProbe
+from .dns import DnsProbe
 from .drops import DropsProbe
 from .frag import FragProbe
 from .mtu import MtuProbe
@@ -21,6 +22,7 @@ PROBES: tuple[type[Probe], ...] = (
     ConntrackProbe,
     FragProbe,
     MtuProbe,
+    DnsProbe,
     SoftirqProbe,
     NodeProbe,
 )
