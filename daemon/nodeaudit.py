@@ -554,7 +554,7 @@ def check_ports(f: Facts) -> Result | None:
     used = max(busiest, 0)
     share = used / size
     want_size = max(PORT_RANGE_DEFAULT, pow2_at_least(4 * used))
-    lo = max(1024, 65535 - want_size + 1)
+    lo = max(1024, min(32768, 65536 - want_size))  # the range ends at 65535; 32768 at the latest
     ev = {"net.ipv4.ip_local_port_range": f"{rng[0]} {rng[1]}", "range_size": size,
           "ephemeral_ports_in_use": f.ephemeral_ports_in_use,
           "busiest_destination": (f.busiest_destination or {}).get("destination"),
