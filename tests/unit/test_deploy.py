@@ -256,13 +256,14 @@ def github_anchor(heading: str) -> str:
 
 
 def test_runbooks_point_at_findings_and_readme():
-    """Finding alerts point at docs/findings.md#<finding id with '.' as '-'>, and the id is one a
-    probe declares (probes' finding_ids); the two availability alerts point at README sections
+    """Finding alerts point at docs/findings.md#<finding id with '.' as '-'>, the id is one a
+    probe declares (probes' finding_ids) and the doc has that anchor; the two availability alerts point at README sections
     that exist. The base URL is the image's org.opencontainers.image.source."""
     source = re.search(r'org\.opencontainers\.image\.source="([^"]+)"', (REPO / "Dockerfile").read_text()).group(1)
     base = source + "/blob/main/"
     readme_anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(), re.M)}
     declared = finding_ids()
+    findings_doc = (REPO / "docs" / "findings.md").read_text()
     unknown = []
     for name, rule in rules().items():
         url = rule["annotations"]["runbook_url"]
@@ -273,6 +274,7 @@ def test_runbooks_point_at_findings_and_readme():
             assert anchor == fid.replace(".", "-") and "." in fid
             if fid not in declared:
                 unknown.append(f"{name} -> {fid}")
+            assert f'<a id="{anchor}"></a>' in findings_doc, f"{name}: docs/findings.md has no anchor {anchor}"
         else:
             assert path == "README.md" and anchor in readme_anchors, (name, url)
     assert not unknown, f"runbooks name finding ids no probe declares: {unknown}"
