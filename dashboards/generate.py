@@ -90,14 +90,12 @@ class Board:
 
     # -- panel kinds ------------------------------------------------------------------------
     def timeseries(self, title: str, description: str, unit: str, thresholds: dict, *targets: dict,
-                   stack: bool = False, w: int = 8, h: int = 8, min0: bool = True) -> None:
+                   stack: bool = False, w: int = 8, h: int = 8) -> None:
         custom = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 25 if stack else 10,
                   "showPoints": "never", "spanNulls": False,
                   "stacking": {"mode": "normal" if stack else "none", "group": "A"},
                   "thresholdsStyle": {"mode": "line" if len(thresholds["steps"]) > 1 else "off"},
-                  "axisPlacement": "auto"}
-        if min0:
-            custom["axisSoftMin"] = 0
+                  "axisPlacement": "auto", "axisSoftMin": 0}
         options = {"legend": {"showLegend": True, "displayMode": "table", "placement": "right",
                               "calcs": ["mean", "max", "lastNotNull"]},
                    "tooltip": {"mode": "multi", "sort": "desc"}}
