@@ -459,6 +459,9 @@ def gather(inotify: bool = True) -> Facts:
     """Everything the checks need, read in the calling thread's netns."""
     facts = Facts(cpus=os.cpu_count() or 1, mem_bytes=_meminfo())
     facts.sysctls = {k: sysctl.read(k) for k in SYSCTLS}
+    hidden = [k for k, v in facts.sysctls.items() if v is None and k.startswith("net.core.")]
+    if hidden:  # global keys that only the initial netns shows (the daemon runs with hostNetwork)
+        facts.errors["sysctl"] = f"not visible in this netns: {', '.join(hidden)}"
     facts.bbr = _bbr_state(facts.sysctls.get("net.ipv4.tcp_available_congestion_control"))
     gather_tcp(facts)
     gather_netfilter(facts)
@@ -655,7 +658,7 @@ def check_congestion(f: Facts) -> Result | None:
     qdisc = f.sysctls.get("net.core.default_qdisc")
     if not cc:
         return None
-    if cc == "bbr" and qdisc == "fq":
+    if cc == "bbr" and qdisc in ("fq", None):  # None: not visible from this netns, no advice
         return None
     avail = f.sysctls.get("net.ipv4.tcp_available_congestion_control") or ""
     ev = {"net.ipv4.tcp_congestion_control": cc, "net.core.default_qdisc": qdisc,
