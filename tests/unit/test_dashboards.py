@@ -141,12 +141,17 @@ def test_schema_check_rejects_what_grafana_would_not_read():
         "tooltip": lambda d: ts_panel["options"].pop("tooltip"),
         '"lines"': lambda d: ts_panel["fieldConfig"]["defaults"]["custom"].update(drawStyle="lines"),
     }
-    for needle, mutate in bad.items():
+    sources = {}
+    for i, mutate in enumerate(bad.values()):
         dash = json.loads(json.dumps(base))
         ts_panel = next(p for p in dash["panels"] if p["type"] == "timeseries")
         mutate(dash)
-        res = run_tsc({"bad.ts": typescript_for(dash)})
-        assert res.returncode != 0 and needle in res.stdout, (needle, res.stdout[-2000:])
+        sources[f"bad{i}.ts"] = typescript_for(dash)
+    res = run_tsc(sources)  # one tsc run; each file must have its own error
+    assert res.returncode != 0
+    for i, needle in enumerate(bad):
+        errors = [ln for ln in res.stdout.splitlines() if f"bad{i}.ts(" in ln]
+        assert errors and any(needle in e for e in errors), (needle, errors or res.stdout[-2000:])
 
 
 # -- the generator and the committed JSON ---------------------------------------------------
