@@ -3,8 +3,9 @@
 Runs, in one go and on one machine: (1) the datapath impact of a running dpwatch (UDP small-
 packet throughput and request/response latency, off/on pairs), (2) the in-kernel cost of each
 dpwatch BPF program, (2b, informative) the cost of a per-interface packet tap (AF_PACKET +
-socket filter), (3) the daemon's own cost (start-up, memory, CPU, endpoint latency) and
-(4) the same figures for a peer exporter. Prints a markdown report and writes it to --out.
+socket filter), (3) the daemon's own cost (start-up, memory, CPU, endpoint latency),
+(4) the same figures for a peer exporter and (5) the softirq probe's datapath cost next to
+bcc's softirqs tool (bench/stage_softirq.py). Prints a markdown report and writes it to --out.
 
 Exit status: 0 done (budgets are reported as MET/MISS, never asserted); 1 a stage could not
 produce its numbers; 2 prerequisites missing (not root, a tool missing); 130 interrupted.
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lib  # noqa: E402
 import report  # noqa: E402
+import stage_softirq  # noqa: E402
 import stages  # noqa: E402
 
 EX_BROKEN, EX_PREREQ, EX_INTERRUPTED = 1, 2, 130
@@ -45,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scrapes", type=int, help="timed /metrics scrapes per case (default 200)")
     # The tap stage (2b) is a design experiment (is an AF_PACKET tap cheap enough?), not a cost
     # of dpwatch as shipped, and adds ~4 minutes: run it with --stages ...,tap when needed.
-    p.add_argument("--stages", default="datapath,bpf,daemon,peers",
-                   help="comma-separated subset of datapath,bpf,tap,daemon,peers (default: all but tap)")
+    p.add_argument("--stages", default="datapath,bpf,daemon,peers,softirq",
+                   help="comma-separated subset of datapath,bpf,tap,daemon,peers,softirq (default: all but tap)")
     p.add_argument("--dpwatch", default=os.path.join(os.path.dirname(sys.executable), "dpwatch"),
                    help="the dpwatch executable (default: next to this interpreter)")
     a = p.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     repo = lib.REPO
     out = a.out or os.path.join(repo, "bench", "results", "smoke.md" if a.smoke else "latest.md")
     wanted = [x.strip() for x in a.stages.split(",") if x.strip()]
-    unknown = set(wanted) - {"datapath", "bpf", "tap", "daemon", "peers"}
+    unknown = set(wanted) - {"datapath", "bpf", "tap", "daemon", "peers", "softirq"}
     if unknown:
         log(f"bench: unknown stage(s) {', '.join(sorted(unknown))}")
         return EX_PREREQ
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
                 ("bpf", "2. in-kernel cost per program", stages.bpf_cost),
                 ("tap", "2b. packet tap (informative)", stages.tap_cost),
                 ("daemon", "3. daemon cost", stages.daemon_cost),
-                ("peers", "4. peers", stages.peers)]
+                ("peers", "4. peers", stages.peers),
+                ("softirq", "5. softirq probe vs bcc softirqs", stage_softirq.softirq_cost)]
         for key, title, fn in plan:
             if key not in wanted:
                 continue
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     r["load_end"] = lib.loadavg()
     r["busy_end"] = lib.busy_processes()
     r["wall"] = time.monotonic() - t_start
-    text = report.render(r)
+    text = stage_softirq.insert_section(report.render(r), r.get("softirq"))
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
