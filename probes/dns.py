@@ -120,6 +120,9 @@ class DnsProbe(Probe):
         self._tc_errors: dict[str, str] = {}
         self._worker = None
         self._ipr = None
+        # One filter per dpwatch process at TC_PRIO: its handle and name carry the pid, so two
+        # instances in one netns (tests, a rolling restart) never collide.
+        self._handle = os.getpid() & 0xFFFFFFFF or 1
         self.stale_filters_removed = 0
         # per-server folding into top-N labels
         self._srv_last: dict[bytes, tuple] = {}
@@ -268,7 +271,7 @@ class DnsProbe(Probe):
                     if "exists" not in str(exc).lower() and getattr(exc, "code", 0) != 17:
                         raise
                 for parent in (TC_INGRESS, TC_EGRESS):
-                    self._ipr.tc("add-filter", "bpf", index=index, handle=1, fd=self._tc_fd,
+                    self._ipr.tc("add-filter", "bpf", index=index, handle=self._handle, fd=self._tc_fd,
                                  name=name, parent=parent, classid=1, direct_action=True,
                                  prio=TC_PRIO)
                 self._tc[index] = ifname
@@ -280,7 +283,8 @@ class DnsProbe(Probe):
     def _detach_tc_one(self, index: int) -> None:
         for parent in (TC_INGRESS, TC_EGRESS):
             try:
-                self._ipr.tc("del-filter", "bpf", index=index, handle=1, parent=parent, prio=TC_PRIO)
+                self._ipr.tc("del-filter", "bpf", index=index, handle=self._handle, parent=parent,
+                             prio=TC_PRIO)
             except Exception:
                 pass
         if index in self._tc_created:

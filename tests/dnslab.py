@@ -19,8 +19,10 @@ from __future__ import annotations
 import collections
 import ipaddress
 import os
+import random
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -308,3 +310,39 @@ def send_raw(ns: str, server: str, payloads: list[bytes], port: int = 53, gap: f
             s.close()
         return n
     return in_netns(ns, go)
+
+
+def malformed_payloads(count: int, seed: int, max_len: int = 120) -> list[bytes]:
+    """``count`` distinct UDP payloads that the reference decoder (dnsnames.parse, which the
+    kernel parser mirrors) rejects: hand-made cases first (truncated headers, compression
+    pointers and loops, a 321-byte name, a 64-byte label, a name running past the datagram,
+    qtype cut off, no question, qdcount 9), then seeded random bytes."""
+    from dpwatch.daemon import dnsnames as dn
+    hdr = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    out = [
+        b"\x12\x34\x01",
+        hdr[:11],
+        hdr + b"\xc0\x0c" + b"\x00\x01\x00\x01",
+        hdr + b"\x03abc\xc0\x0c" + b"\x00\x01\x00\x01",
+        hdr + (b"\x3f" + b"a" * 63) * 5 + b"\x00\x00\x01\x00\x01",
+        hdr + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01",
+        hdr + b"\x05abc",
+        hdr + b"\x03abc\x00\x00",
+        struct.pack("!HHHHHH", 1, 0x0100, 0, 0, 0, 0),
+        struct.pack("!HHHHHH", 2, 0x0100, 9, 0, 0, 0) + b"\x00\x00\x01\x00\x01",
+    ][:count]
+    rng = random.Random(seed)
+    while len(out) < count:
+        p = bytes(rng.randrange(256) for _ in range(rng.randrange(1, max_len)))
+        try:
+            dn.parse(p)
+        except dn.Malformed:
+            if p not in out:
+                out.append(p)
+    for p in out:
+        try:
+            dn.parse(p)
+        except dn.Malformed:
+            continue
+        raise AssertionError(f"not malformed: {p!r}")
+    return out

@@ -6,14 +6,13 @@ whichever hook (tc classifier or AF_PACKET socket filter) carries it."""
 from __future__ import annotations
 
 import ipaddress
-import random
 import socket
-import struct
 import time
 
 import pytest
 
-from dnslab import Dnsmasq, ScriptedServer, Unbound, queries, query, resolve_with_search, route_pods, send_raw
+from dnslab import (Dnsmasq, ScriptedServer, Unbound, malformed_payloads, queries, resolve_with_search,
+                    route_pods, send_raw)
 from dpwatch.daemon import dnsnames as dn
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
@@ -195,40 +194,12 @@ def test_unmatched_response(env):
     assert diff(before, after, "responses") == {}
 
 
-def malformed_payloads() -> list[bytes]:
-    """Each is rejected by the reference decoder (dnsnames.parse), which the kernel mirrors."""
-    hdr = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
-    out = [
-        b"\x12\x34\x01",                                  # truncated header (3 bytes)
-        hdr[:11],                                         # truncated header (11 bytes)
-        hdr + b"\xc0\x0c" + b"\x00\x01\x00\x01",          # compression pointer to itself
-        hdr + b"\x03abc\xc0\x0c" + b"\x00\x01\x00\x01",   # pointer loop after a label
-        hdr + (b"\x3f" + b"a" * 63) * 5 + b"\x00\x00\x01\x00\x01",  # name of 321 bytes
-        hdr + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01",        # label of 64 bytes
-        hdr + b"\x05abc",                                 # name runs past the datagram
-        hdr + b"\x03abc\x00\x00",                         # qtype/qclass cut off
-        struct.pack("!HHHHHH", 1, 0x0100, 0, 0, 0, 0),    # a query without a question
-        struct.pack("!HHHHHH", 2, 0x0100, 9, 0, 0, 0) + b"\x00\x00\x01\x00\x01",  # qdcount 9
-    ]
-    rng = random.Random(7)
-    while len(out) < 40:
-        p = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 120)))
-        try:
-            dn.parse(p)
-        except dn.Malformed:
-            out.append(p)
-    for p in out:
-        with pytest.raises(dn.Malformed):
-            dn.parse(p)
-    return out
-
-
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_malformed_counted_never_queries(env, family):
     """To an address where nothing listens on 53 (so no server answers a FORMERR)."""
     lab, d, probe, _ = env
     p0, p1 = lab.pod_list
-    payloads = malformed_payloads()
+    payloads = malformed_payloads(40, seed=7)
     before = counters(d)
     sent = send_raw(p0.ns, p1.node_ip4 if family == "ipv4" else p1.node_ip6, payloads, gap=0.002)
     time.sleep(0.2)
