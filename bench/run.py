@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lib  # noqa: E402
 import report  # noqa: E402
+import stage_dns  # noqa: E402
 import stage_softirq  # noqa: E402
 import stages  # noqa: E402
 
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The tap stage (2b) is a design experiment (is an AF_PACKET tap cheap enough?), not a cost
     # of dpwatch as shipped, and adds ~4 minutes: run it with --stages ...,tap when needed.
     p.add_argument("--stages", default="datapath,bpf,daemon,peers,softirq",
-                   help="comma-separated subset of datapath,bpf,tap,daemon,peers,softirq (default: all but tap)")
+                   help="comma-separated subset of datapath,bpf,tap,daemon,peers,softirq,dns (default: all "
+                        "but tap and dns, the two hook-choice experiments)")
     p.add_argument("--dpwatch", default=os.path.join(os.path.dirname(sys.executable), "dpwatch"),
                    help="the dpwatch executable (default: next to this interpreter)")
     a = p.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     repo = lib.REPO
     out = a.out or os.path.join(repo, "bench", "results", "smoke.md" if a.smoke else "latest.md")
     wanted = [x.strip() for x in a.stages.split(",") if x.strip()]
-    unknown = set(wanted) - {"datapath", "bpf", "tap", "daemon", "peers", "softirq"}
+    unknown = set(wanted) - {"datapath", "bpf", "tap", "daemon", "peers", "softirq", "dns"}
     if unknown:
         log(f"bench: unknown stage(s) {', '.join(sorted(unknown))}")
         return EX_PREREQ
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
                 ("tap", "2b. packet tap (informative)", stages.tap_cost),
                 ("daemon", "3. daemon cost", stages.daemon_cost),
                 ("peers", "4. peers", stages.peers),
-                ("softirq", "5. softirq probe vs bcc softirqs", stage_softirq.softirq_cost)]
+                ("softirq", "5. softirq probe vs bcc softirqs", stage_softirq.softirq_cost),
+                ("dns", "6. DNS probe hook: tc vs socket filter", stage_dns.dns_cost)]
         for key, title, fn in plan:
             if key not in wanted:
                 continue
@@ -167,6 +170,7 @@ def main(argv=None) -> int:
     r["busy_end"] = lib.busy_processes()
     r["wall"] = time.monotonic() - t_start
     text = stage_softirq.insert_section(report.render(r), r.get("softirq"))
+    text = stage_dns.insert_section(text, r.get("dns"))
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
