@@ -7,6 +7,9 @@ import pytest
 from dpwatch.daemon.config import Config, ConfigError, parse_duration, parse_listen, parse_probe_list
 from dpwatch.probes.registry import probe_names
 
+# The registry, in load order (providers first: conntrack reads the drops probe's counts).
+ALL_PROBES = ["drops", "conntrack", "frag", "mtu", "dns", "softirq", "node"]
+
 
 # -- parse_duration --------------------------------------------------------------------------
 
@@ -78,8 +81,8 @@ def test_parse_listen_port_out_of_range():
 # -- probe lists -----------------------------------------------------------------------------
 
 def test_parse_probe_list():
-    assert probe_names() == ["drops", "conntrack", "frag", "mtu"]
-    assert parse_probe_list("all", "--probes") == ["drops", "conntrack", "frag", "mtu"]
+    assert probe_names() == ALL_PROBES
+    assert parse_probe_list("all", "--probes") == ALL_PROBES
     assert parse_probe_list("drops", "--probes") == ["drops"]
     assert parse_probe_list(" drops , ", "--probes") == ["drops"]
     assert parse_probe_list("", "--disable") == []
@@ -90,14 +93,14 @@ def test_parse_probe_list():
 
 def test_default_config_is_valid():
     cfg = Config().validate()
-    assert cfg.probes == ["drops", "conntrack", "frag", "mtu"]
-    assert cfg.enabled_probes == ["drops", "conntrack", "frag", "mtu"]
+    assert cfg.probes == ALL_PROBES
+    assert cfg.enabled_probes == ALL_PROBES
     assert cfg.disable == [] and cfg.require == []
 
 
 def test_config_strings_are_parsed():
     cfg = Config(probes="all", disable="drops", require="").validate()
-    assert cfg.probes == ["drops", "conntrack", "frag", "mtu"]
+    assert cfg.probes == ALL_PROBES
     assert cfg.disable == ["drops"]
     assert cfg.enabled_probes == ["conntrack", "frag", "mtu"]
 
@@ -106,7 +109,7 @@ def test_config_strings_are_parsed():
 def test_unknown_probe_is_named(field):
     with pytest.raises(ConfigError) as err:
         Config(**{field: "drops,bogus,nosuch"}).validate()
-    assert str(err.value) == f"--{field}: unknown probe(s) bogus, nosuch; known: drops, conntrack, frag, mtu"
+    assert str(err.value) == f"--{field}: unknown probe(s) bogus, nosuch; known: " + ", ".join(ALL_PROBES)
 
 
 def test_require_of_a_disabled_probe():
