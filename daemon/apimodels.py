@@ -26,6 +26,8 @@ class ProbeState(BaseModel):
     description: str
     info: dict[str, Any] | None = None
     diagnose_error: str | None = None
+    map_update_errors: dict[str, int] | None = None  # attached probes: failed in-kernel updates by map
+    events_lost: dict[str, int] | None = None        # attached probes: lost events by stage
 
 
 class ProbesBody(BaseModel):

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from .. import __version__
@@ -18,6 +19,7 @@ from .config import Config, ConfigError, parse_duration
 EX_USAGE = 64      # a bad flag, variable or config value
 EX_NOT_LOADED = 3  # probes could not be loaded (or a required probe is down)
 EX_SERVE = 4       # the HTTP listener could not start (e.g. the port is taken)
+EX_FAULT = 5       # --strict: a probe lost events while running (a full map, a failed read)
 
 log = logging.getLogger("dpwatch")
 
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--require", default=_env("require", ""),
                    help="comma-separated probes that must load; `check` and `run` fail without them")
     g.add_argument("--strict", action="store_true", default=None,
-                   help="treat any probe that cannot load as fatal (exit non-zero)")
+                   help="treat any probe that cannot load as fatal (exit 3), and with `run`, any "
+                        "event lost while running (a full map, a failed read) too (exit 5)")
     g.add_argument("--drops-rate-warning", type=float, default=float(_env("drops-rate-warning", d.drops_rate_warning)),
                    help="drops/s over the window that raise drops.top_reasons (default: %(default)s)")
     g.add_argument("--drops-rate-critical", type=float, default=float(_env("drops-rate-critical", d.drops_rate_critical)),
@@ -544,17 +547,35 @@ def cmd_run(cfg) -> int:
                              ssl_keyfile=tls.key_file if tls else None))
     log.info("serving on %s://%s:%d (/metrics /diagnose /probes /healthz /readyz)",
              "https" if tls else "http", host, port)
+    strict = {"rc": 0, "stop": threading.Event()}
+    if cfg.strict:
+        threading.Thread(target=strict_watch, args=(daemon, server, strict), name="dpwatch-strict",
+                         daemon=True).start()
     try:
         server.run()  # handles SIGTERM and SIGINT: stops accepting, finishes requests
     except SystemExit:
         pass  # uvicorn exits this way when it cannot bind; reported below
     finally:
+        strict["stop"].set()
         daemon.stop()
         log.info("stopped: probes detached")
     if not server.started:
         log.error("could not serve HTTP on %s (see the error above)", cfg.listen)
         return EX_SERVE
-    return 0
+    return strict["rc"]
+
+
+def strict_watch(daemon, server, box: dict) -> None:
+    """--strict while running: the first lost event (a full map, a failed read) stops the
+    server the same way SIGTERM does (stop serving, detach, exit) with EX_FAULT."""
+    while not box["stop"].wait(daemon.config.snapshot_interval):
+        faults = daemon.manager.runtime_faults()
+        if faults:
+            what = ", ".join(f"{p}/{stage}={n}" for (p, stage), n in sorted(faults.items()))
+            log.error("--strict: events lost (%s); stopping", what)
+            box["rc"] = EX_FAULT
+            server.should_exit = True
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,34 @@ def _compiler_errors(text: str, limit: int = 3) -> str:
     return " | ".join(lines[:limit]) if lines else (text.strip().splitlines() or ["compile failed"])[-1]
 
 
+FAULT_ENV = "DPWATCH_FAULT_INJECT"
+FAULT_TRACEPOINT = "dpwatch_fault:missing_tracepoint"
+
+
+def inject_faults(probes: dict[str, Probe], spec: str) -> None:
+    """Test-only fault injection, from DPWATCH_FAULT_INJECT="hook:<probe>,compile:<probe>":
+    hook: every mode of the probe also needs a tracepoint no kernel has (the probe is then
+    unsupported through the ordinary feature detection); compile: the probe's C source gets an
+    #error line (the real compile fails and the manager isolates it). Unknown items are ignored
+    with a warning; nothing here is used unless the variable is set."""
+    import dataclasses
+    from ..probes.base import Hook
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        kind, _, name = item.partition(":")
+        probe = probes.get(name)
+        if probe is None or kind not in ("hook", "compile"):
+            log.warning("%s: ignoring %r (want hook:<probe> or compile:<probe>)", FAULT_ENV, item)
+            continue
+        log.warning("%s: injecting a %s fault into probe %s", FAULT_ENV, kind, name)
+        if kind == "hook":
+            probe.modes = tuple(dataclasses.replace(m, hooks=m.hooks + (Hook("tracepoint", FAULT_TRACEPOINT),))
+                                for m in probe.modes)
+        elif probe.bpf_source:
+            original = probe.source_text
+            probe.source_text = lambda original=original: (
+                original() + "\n#error dpwatch fault injection: this probe must not compile\n")
+
+
 class ProbeManager:
     def __init__(self, config, features, probe_classes: tuple[type[Probe], ...] = PROBES):
         self.config = config
@@ -100,6 +128,7 @@ class ProbeManager:
         self.compiles = 0
         self.loaded = False
         self._lock = threading.Lock()
+        inject_faults(self.probes, os.environ.get(FAULT_ENV, ""))
 
     # -- planning -------------------------------------------------------------------
     def plan(self) -> None:
@@ -319,7 +348,24 @@ class ProbeManager:
                 log.debug("probe %s background work failed: %s", name, exc)
 
     def statuses(self) -> list[dict[str, Any]]:
-        return [st.as_dict(self.probes.get(n)) for n, st in self.status.items()]
+        with self._lock:
+            errors = self._read_errors()
+            lost = self._lost_events(errors)
+        out = []
+        for n, st in self.status.items():
+            d = st.as_dict(self.probes.get(n))
+            if st.state in (State.ATTACHED, State.DEGRADED):
+                # A full map or a lost event shows here too, not only in /metrics.
+                d["map_update_errors"] = {m: v for (p, m), v in errors.items() if p == n}
+                d["events_lost"] = {stage: v for (p, stage), v in lost.items() if p == n}
+            out.append(d)
+        return out
+
+    def runtime_faults(self) -> dict[tuple[str, str], int]:
+        """(probe, stage) -> events lost so far, only the non-zero ones (for --strict)."""
+        with self._lock:
+            lost = self._lost_events(self._read_errors())
+        return {k: v for k, v in lost.items() if v}
 
     def close(self) -> None:
         with self._lock:
