@@ -27,6 +27,16 @@ def own_inode() -> int | None:
     return inode_of("/proc/thread-self/ns/net")
 
 
+def _same_netns(fd: int) -> bool:
+    """Whether ``fd`` is the calling thread's own netns: then there is nothing to join, and no
+    setns(2), which needs CAP_SYS_ADMIN even for one's own namespace."""
+    try:
+        a, b = os.fstat(fd), os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def run_in(path: str, fn: Callable[[], Any]) -> Any:
     """Run fn in a new thread that joined the netns at ``path`` (e.g. /run/netns/x or
     /proc/PID/ns/net); return its result or raise its exception."""
@@ -36,7 +46,7 @@ def run_in(path: str, fn: Callable[[], Any]) -> Any:
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns into {path}: {os.strerror(err)}")
             finally:
@@ -105,7 +115,7 @@ class NetnsWorker:
 
     def _run(self, fd: int) -> None:
         try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
+            if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
         except BaseException as exc:

@@ -1,0 +1,180 @@
+"""End-to-end: least privilege. The daemon runs as uid 0 under capsh with a bounding set of
+only the DaemonSet's capabilities (read from deploy/daemonset.yaml: BPF, PERFMON, NET_ADMIN,
+NET_RAW, SYS_RESOURCE, SYSLOG), and every probe attaches exactly as it does with full root.
+
+CAP_SYS_ADMIN is not among them: the probes' netns helpers (daemon/netns.py) skip setns(2)
+when the target is the thread's own namespace (setns needs CAP_SYS_ADMIN even then). Only
+--conntrack-all-netns / --mtu-all-netns (joining other namespaces) and --bpf-stats
+(BPF_ENABLE_STATS) need it.
+
+A second test drops one capability at a time and checks that a probe then degrades.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from netlab import Lab, http_get
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FALLBACK_CAPS = ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_RESOURCE", "SYSLOG"]
+PROVEN_EXTRA: list[str] = []  # none beyond the DaemonSet's, for the default probes and modes
+CAP_BITS = {"SYS_ADMIN": 21, "NET_ADMIN": 12, "NET_RAW": 13, "SYS_RESOURCE": 24, "SYSLOG": 34,
+            "PERFMON": 38, "BPF": 39}
+
+
+def daemonset_caps() -> list[str]:
+    path = os.path.join(REPO, "deploy", "daemonset.yaml")
+    with open(path) as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d]
+    for doc in docs:
+        if doc.get("kind") != "DaemonSet":
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            add = (((c.get("securityContext") or {}).get("capabilities") or {}).get("add"))
+            if add:
+                return [str(a).upper().removeprefix("CAP_") for a in add]
+    return list(FALLBACK_CAPS)  # the manifest grants no explicit list (e.g. privileged)
+
+
+def all_caps() -> list[str]:
+    out = subprocess.run(["capsh", "--print"], capture_output=True, text=True, check=True).stdout
+    bounding = re.search(r"^Bounding set =(.*)$", out, re.M).group(1)
+    return [c.strip() for c in bounding.split(",") if c.strip()]
+
+
+def capsh_argv(keep: list[str], *cmd: str) -> list[str]:
+    """`ip netns exec` mounts a fresh /sys, without tracefs; mounting it is the platform's job
+    (the DaemonSet mounts the host's /sys/kernel/tracing), so a full-root shell mounts it first,
+    then capsh drops every capability not kept and execs the daemon."""
+    keep_names = {f"cap_{k.lower()}" for k in keep}
+    drop = [c for c in all_caps() if c not in keep_names]
+    return ["sh", "-c", 'mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing; '
+            'exec "$@"', "sh", "capsh", f"--drop={','.join(drop)}", "--", "-c", 'exec "$0" "$@"', *cmd]
+
+
+def check_states(ns: str, dpwatch_bin: str, keep: list[str] | None) -> dict[str, tuple[str, str, str]]:
+    """`dpwatch check` (loads and attaches every probe) -> {probe: (mode, state, reason)}."""
+    cmd = [dpwatch_bin, "check"]
+    argv = ["ip", "netns", "exec", ns] + (capsh_argv(keep, *cmd) if keep is not None else cmd)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    rows = {}
+    lines = res.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("PROBE"))
+    for ln in lines[start + 1:]:
+        parts = ln.split(None, 4)
+        if len(parts) >= 4:
+            rows[parts[0]] = (parts[1], parts[2], parts[4] if len(parts) > 4 else "")
+    assert rows, res.stdout + res.stderr
+    return rows
+
+
+@pytest.fixture(scope="module")
+def net():
+    with Lab(pods=1) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def full_root(net, dpwatch_bin):
+    return check_states(net.node, dpwatch_bin, None)
+
+
+def test_every_probe_attaches_with_only_the_daemonset_capabilities(net, dpwatch_bin, full_root):
+    keep = daemonset_caps() + [c for c in PROVEN_EXTRA if c not in daemonset_caps()]
+    port = 9451
+    log = open(f"/tmp/dpwatch-caps-{net.node}.log", "w+")
+    proc = subprocess.Popen(["ip", "netns", "exec", net.node,
+                             *capsh_argv(keep, dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"daemon exited {proc.returncode}"
+            try:
+                if http_get(net.node, "127.0.0.1", port, "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.25)
+        # The daemon really runs with exactly these capabilities.
+        with open(f"/proc/{proc.pid}/status") as fh:
+            eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", fh.read(), re.M).group(1), 16)
+        # (This machine's own bounding set may lack one: e.g. a sandbox without SYS_RESOURCE.)
+        have = set(all_caps())
+        want = sum(1 << CAP_BITS[c] for c in keep if f"cap_{c.lower()}" in have)
+        assert eff == want, (hex(eff), hex(want))
+        probes = {p["name"]: p for p in json.loads(http_get(net.node, "127.0.0.1", port, "/probes")[2])["probes"]}
+        for name, (mode, state, _reason) in full_root.items():
+            assert (probes[name]["mode"] or "-", probes[name]["state"]) == (mode, state), (name, probes[name])
+        assert all(p["state"] in ("attached", "degraded", "disabled") for p in probes.values()
+                   if full_root[p["name"]][1] in ("attached", "degraded")), probes
+        text = http_get(net.node, "127.0.0.1", port, "/metrics")[2]
+        assert 'dpwatch_probe_up{mode="tracepoint",probe="drops"} 1.0' in text
+    finally:
+        proc.terminate()
+        rc = proc.wait(20)
+        log.seek(0)
+        out = log.read()
+        log.close()
+    assert rc == 0, out[-2000:]
+
+
+# What dropping each capability costs here; each must change something, or the test names
+# the kernel reason it cannot (SYS_RESOURCE: since 5.11 maps are charged to the memory cgroup,
+# not RLIMIT_MEMLOCK; NET_RAW: only the dns probe's socket-filter fallback opens AF_PACKET;
+# SYSLOG: only needed when kernel.kptr_restrict is 1).
+@pytest.mark.parametrize("cap", ["BPF", "PERFMON", "NET_ADMIN"])
+def test_each_capability_is_needed(net, dpwatch_bin, full_root, cap):
+    keep = [c for c in daemonset_caps() + PROVEN_EXTRA if c != cap]
+    states = check_states(net.node, dpwatch_bin, keep)
+    changed = {n: (full_root[n], states.get(n)) for n in full_root if states.get(n, ("",) * 3)[:2] != full_root[n][:2]}
+    assert changed, f"dropping CAP_{cap} changed nothing"
+
+
+def _locations(ns: str, pod, dpwatch_bin: str, keep: list[str]) -> list[str]:
+    """`dpwatch diagnose` under capsh while a pod sends to a closed port: the drop locations."""
+    from netlab import closed_udp_port, udp_send
+    proc = subprocess.Popen(["ip", "netns", "exec", ns,
+                             *capsh_argv(keep, dpwatch_bin, "diagnose", "--window", "3s", "--format", "json",
+                                         "--probes", "drops", "--drops-rate-warning", "1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "watching for" in line:
+            break
+    else:
+        raise AssertionError("diagnose never started:\n" + "".join(seen))
+    udp_send(pod.ns, pod.node_ip4, closed_udp_port(ns), 200)
+    out, _ = proc.communicate(timeout=120)
+    report = json.loads(out)
+    top = next(f for f in report["findings"] if f["id"] == "drops.top_reasons")
+    return [loc["location"] for loc in top["evidence"]["top_locations"]]
+
+
+def test_syslog_is_what_resolves_drop_locations(net, dpwatch_bin):
+    """With kernel.kptr_restrict=1 (common on hardened nodes), /proc/kallsyms shows real
+    addresses only to CAP_SYSLOG: without it, drop locations stay raw addresses."""
+    path = "/proc/sys/kernel/kptr_restrict"
+    with open(path) as fh:
+        old = fh.read().strip()
+    try:
+        with open(path, "w") as fh:
+            fh.write("1")
+        caps = daemonset_caps()
+        with_syslog = _locations(net.node, net.pod, dpwatch_bin, caps)
+        without = _locations(net.node, net.pod, dpwatch_bin, [c for c in caps if c != "SYSLOG"])
+    finally:
+        with open(path, "w") as fh:
+            fh.write(old)
+    assert with_syslog and all(re.fullmatch(r"[A-Za-z_][\w.]*\+0x[0-9a-f]+", loc) for loc in with_syslog), with_syslog
+    assert without and all(re.fullmatch(r"0x[0-9a-f]+", loc) for loc in without), without
