@@ -459,10 +459,18 @@ def _link_record(msg: Any) -> dict:
     lower = data.get(_DATA_LINK.get(kind, ""), None)
     if not lower and kind != "veth" and link and link != index:
         lower = link
-    return {"index": index, "name": top.get("IFLA_IFNAME") or f"if{index}", "kind": kind,
+    # A truncated attribute comes back from pyroute2 as raw bytes: never use it as a value.
+    name = top.get("IFLA_IFNAME")
+    return {"index": index, "name": name if isinstance(name, str) and name else f"if{index}",
+            "kind": kind if isinstance(kind, str) else "device",
             "mtu": int(top.get("IFLA_MTU") or 0), "up": bool(msg["flags"] & IFF_UP),
-            "master": top.get("IFLA_MASTER") or None, "link": link,
-            "link_netnsid": top.get("IFLA_LINK_NETNSID"), "lower": lower or None, "family": family}
+            "master": _int(top.get("IFLA_MASTER")) or None, "link": _int(link),
+            "link_netnsid": _int(top.get("IFLA_LINK_NETNSID")), "lower": _int(lower) or None,
+            "family": family}
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _route_record(msg: Any) -> dict | None:
@@ -485,9 +493,10 @@ def _route_record(msg: Any) -> dict | None:
             expires = int(cache["rta_expires"])
         except (TypeError, KeyError, ValueError):
             expires = None
-    return {"family": family, "dst": top.get("RTA_DST"), "dst_len": int(msg["dst_len"]),
-            "oif": oif, "table": top.get("RTA_TABLE") or msg["table"], "type": msg["type"],
-            "priority": top.get("RTA_PRIORITY") or 0, "mtu": mtu,
+    dst = top.get("RTA_DST")
+    return {"family": family, "dst": dst if isinstance(dst, str) else None, "dst_len": int(msg["dst_len"]),
+            "oif": _int(oif), "table": top.get("RTA_TABLE") or msg["table"], "type": msg["type"],
+            "priority": top.get("RTA_PRIORITY") or 0, "mtu": _int(mtu),
             "cloned": bool(msg["flags"] & RTM_F_CLONED), "expires": expires}
 
 
