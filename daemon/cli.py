@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=int(_env("softirq-napi-devices", d.softirq_napi_devices)),
                    help="devices counted by name for NAPI budget exhaustion; more are counted as "
                         "device \"(overflow)\" (default: %(default)s)")
+    s.add_argument("--softirq-sample", type=int, default=int(_env("softirq-sample", d.softirq_sample)),
+                   help="time one softirq run in N per CPU and vector (a power of two; 1 = every run; "
+                        "runs are always counted) (default: %(default)s)")
     _dns_flags(common, d)
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
@@ -228,7 +231,9 @@ def _dns_flags(common: argparse.ArgumentParser, d: Config) -> None:
                    help="DNS servers that get their own `server` label; the rest are \"other\" "
                         "(default: %(default)s)")
     g.add_argument("--dns-hook", default=_env("dns-hook", d.dns_hook),
-                   help="auto (tc classifier, else AF_PACKET socket filter), tc or socket (default: %(default)s)")
+                   help="auto (tcx links on kernels 6.6+, else the AF_PACKET socket filter), tcx, "
+                        "socket, or tc (legacy clsact filters: cheaper than socket before 6.6, but a "
+                        "kill -9 leaves them attached until the next start) (default: %(default)s)")
     g.add_argument("--dns-pending-entries", type=int,
                    default=_env("dns-pending-entries", str(d.dns_pending_entries)),
                    help="in-kernel LRU of outstanding queries (default: %(default)s)")
@@ -297,6 +302,7 @@ def config_from_args(args) -> Config:
         softirq_squeeze_rate=args.softirq_squeeze_rate,
         softirq_steal_percent=args.softirq_steal_percent,
         softirq_napi_devices=args.softirq_napi_devices,
+        softirq_sample=args.softirq_sample,
     )
     _dns_config(cfg, args)
     if args.command == "run":

@@ -104,7 +104,7 @@ class Config:
     dns_timeout: float = 5.0              # a query unanswered this long is a timeout
     dns_names: str = "suffix"             # privacy mode of names in /diagnose: full, suffix, hashed, off
     dns_top_servers: int = 10             # servers with their own `server` label; the rest "other"
-    dns_hook: str = "auto"                # auto (tc, else socket), tc or socket
+    dns_hook: str = "auto"                # auto (tcx, else socket), tcx, socket or tc
     dns_pending_entries: int = 16384      # in-kernel LRU of outstanding queries
     dns_names_entries: int = 1024         # in-kernel LRU of recent names
     dns_servers_entries: int = 256        # in-kernel LRU of per-server counters
@@ -124,6 +124,7 @@ class Config:
     softirq_squeeze_rate: float = 1.0     # time squeezes per second
     softirq_steal_percent: float = 5.0
     softirq_napi_devices: int = 256
+    softirq_sample: int = 8               # time one softirq run in N (power of two)
     bpf_stats: bool = False       # export per-program run time (enables kernel BPF stats)
     synthetic_series: int = 0     # benchmark only: extra synthetic series on /metrics
     # HTTP hardening (daemon/httpsec.py) and bounds (daemon/limits.py)
@@ -194,6 +195,9 @@ class Config:
             raise ConfigError(f"--softirq-steal-percent: {self.softirq_steal_percent:g} is outside (0, 100]")
         if not 1 <= self.softirq_napi_devices <= 65536:
             raise ConfigError("--softirq-napi-devices must be within 1..65536")
+        n = self.softirq_sample
+        if not (1 <= n <= 1024 and n & (n - 1) == 0):
+            raise ConfigError(f"--softirq-sample: {n} must be a power of two within 1..1024")
         self._validate_dns()
         if not 0 <= self.synthetic_series <= 1_000_000:
             raise ConfigError("--synthetic-series must be within 0..1000000")
@@ -216,8 +220,8 @@ class Config:
             raise ConfigError(f"--dns-timeout: {self.dns_timeout:g}s is outside 100ms..300s")
         if self.dns_names not in ("full", "suffix", "hashed", "off"):
             raise ConfigError(f"--dns-names: {self.dns_names!r} is not full, suffix, hashed or off")
-        if self.dns_hook not in ("auto", "tc", "socket"):
-            raise ConfigError(f"--dns-hook: {self.dns_hook!r} is not auto, tc or socket")
+        if self.dns_hook not in ("auto", "tcx", "tc", "socket"):
+            raise ConfigError(f"--dns-hook: {self.dns_hook!r} is not auto, tcx, socket or tc")
         if not 0 <= self.dns_top_servers <= 1000:
             raise ConfigError(f"--dns-top-servers: {self.dns_top_servers} is outside 0..1000")
         for flag, value, lo, hi in (("--dns-pending-entries", self.dns_pending_entries, 64, 1 << 20),

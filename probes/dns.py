@@ -3,10 +3,15 @@ rcode, latency histograms per rcode, timeouts, unmatched and malformed packets, 
 counters, recent names (under a privacy mode) and search-path amplification.
 
 Kernel side: bpf/dns.c, one body loaded as
-- ``tc`` (default): a clsact classifier on ingress and egress of every interface, attached with
-  pyroute2 and re-scanned for new interfaces on the sampler thread;
-- ``socket``: one AF_PACKET ETH_P_ALL socket (not bound to an interface) with the program as
-  its socket filter; used when tc cannot attach, or with --dns-hook socket.
+- ``tcx`` (default on kernels 6.6+): the classifier attached to ingress and egress of every
+  interface through tcx bpf links (BPF_LINK_CREATE). A link lives only as long as its file
+  descriptor, so a kill -9 leaves nothing attached: the kernel detaches it with the process.
+  New interfaces are picked up on the sampler thread;
+- ``socket`` (default before 6.6): one AF_PACKET ETH_P_ALL socket (not bound to an interface)
+  with the program as its socket filter; also gone with the process;
+- ``tc`` (only with --dns-hook tc): legacy clsact filters attached with pyroute2. Cheaper than
+  the socket on old kernels, but the kernel keeps a filter (and its program) after a kill -9
+  until the next dpwatch start removes it.
 BENCHMARKS.md ("DNS") has the figures behind that order.
 
 User space (here): a sweep on the sampler thread counts queries unanswered after
@@ -18,6 +23,7 @@ User space (here): a sweep on the sampler thread counts queries unanswered after
 from __future__ import annotations
 
 import collections
+import ctypes
 import ipaddress
 import logging
 import os
@@ -43,6 +49,56 @@ ANSWERED_KEEP_NS = 1_000_000_000  # answered entries are swept after this (well 
 MIN_LATENCY_SAMPLES = 10  # dns.latency_high needs this many responses in the window
 MIN_RATE_RESPONSES = 10   # dns.nxdomain_rate needs this many responses in the window
 NAME_HISTORY_MAX = 200_000  # (time, name) deltas kept for windows; oldest dropped first
+
+
+TCX_ATTACH_TYPES = ("BPF_TCX_INGRESS", "BPF_TCX_EGRESS")
+BPF_LINK_CREATE = "BPF_LINK_CREATE"
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    """union bpf_attr, the link_create member, with its tcx part (no relative position)."""
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_ifindex", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("relative_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+                ("expected_revision", ctypes.c_uint64)]
+
+
+_bpf_enums: dict[str, dict[str, int] | None] = {}
+
+
+def _kernel_enum(name: str) -> dict[str, int] | None:
+    """name -> value of a BTF enum of the running kernel (cached); None without BTF."""
+    if name not in _bpf_enums:
+        try:
+            from ..daemon import btf
+            members = btf.read_enum(name)
+        except Exception:
+            members = None
+        _bpf_enums[name] = {v: k for k, v in members.items()} if members else None
+    return _bpf_enums[name]
+
+
+def tcx_supported() -> tuple[bool, str]:
+    """tcx links exist from kernel 6.6: the running kernel's BTF says whether its
+    enum bpf_attach_type has BPF_TCX_INGRESS (numbers are taken from there too)."""
+    types = _kernel_enum("bpf_attach_type")
+    if types is None:
+        return False, "tcx: no kernel BTF to check for tcx links"
+    if not all(t in types for t in TCX_ATTACH_TYPES):
+        return False, "tcx: this kernel has no tcx links (6.6+)"
+    cmds = _kernel_enum("bpf_cmd") or {}
+    if BPF_LINK_CREATE not in cmds:
+        return False, "tcx: this kernel has no BPF_LINK_CREATE"
+    return True, "tcx links available"
+
+
+def tcx_link(prog_fd: int, ifindex: int, attach_type: str) -> int:
+    """Attach prog_fd to one interface hook through a tcx link; returns the link's fd (the
+    attachment lives exactly as long as this fd)."""
+    from ..daemon.bpfstats import bpf_syscall
+    attr = _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex,
+                           attach_type=_kernel_enum("bpf_attach_type")[attach_type])
+    return bpf_syscall(_kernel_enum("bpf_cmd")[BPF_LINK_CREATE], attr)
 
 
 def decode_stats(table) -> dict[str, int]:
@@ -101,11 +157,15 @@ class DnsProbe(Probe):
     finding_ids = ("dns.latency_high", "dns.timeouts", "dns.errors", "dns.nxdomain_rate",
                    "dns.search_path_amplification")
     modes = (
-        Mode("tc", (Hook("netlink", "tc clsact ingress+egress on every interface"),),
-             "tc clsact classifier on every interface of the netns, both directions"),
+        Mode("tcx", (Hook("bpf_link", "tcx ingress+egress on every interface (kernel 6.6+)"),),
+             "classifier on tcx links on every interface of the netns, both directions "
+             "(detached by the kernel when dpwatch exits, however it exits)"),
         Mode("socket", (Hook("socket_filter", "AF_PACKET ETH_P_ALL"),),
              "AF_PACKET socket filter on one ETH_P_ALL socket (every interface, both "
              "directions; costs more per packet than tc, see BENCHMARKS.md)"),
+        Mode("tc", (Hook("netlink", "tc clsact ingress+egress on every interface"),),
+             "legacy tc clsact classifier on every interface of the netns, both directions "
+             "(a kill -9 leaves its filters until the next start)"),
     )
     error_slots = {"DNS_ERR_PENDING": "dns_pending", "DNS_ERR_SERVERS": "dns_servers",
                    "DNS_ERR_NAMES": "dns_names", "DNS_ERR_SEEN": "dns_seen"}
@@ -115,7 +175,9 @@ class DnsProbe(Probe):
         self.privacy = dn.Privacy(getattr(config, "dns_names", "suffix"))
         self._lock = threading.Lock()
         self._sock = None            # socket mode: the AF_PACKET socket
-        self._tc: dict[int, str] = {}  # tc mode: ifindex -> name of interfaces with our filters
+        self._tc: dict[int, str] = {}  # tc/tcx mode: ifindex -> name of interfaces with our hook
+        self._tcx_links: dict[int, list[int]] = {}  # tcx mode: ifindex -> link fds
+        self._tcx_netns: int | None = None           # tcx mode: fd of the netns linked in
         self._tc_created: set[int] = set()  # ifindexes where dpwatch added the clsact qdisc
         self._tc_errors: dict[str, str] = {}
         self._worker = None
@@ -141,12 +203,20 @@ class DnsProbe(Probe):
     # -- selection and compile ------------------------------------------------------
     def choose_mode(self, features) -> tuple[Mode | None, str]:
         hook = getattr(self.config, "dns_hook", "auto")
+        tcx, sock, tc = self.modes
+        have_tcx, why = tcx_supported()
         if hook == "socket":
-            return self.modes[1], "--dns-hook socket: " + self.modes[1].description
-        return self.modes[0], self.modes[0].description
+            return sock, "--dns-hook socket: " + sock.description
+        if hook == "tc":
+            return tc, "--dns-hook tc: " + tc.description
+        if hook == "tcx":
+            return (tcx, tcx.description) if have_tcx else (None, f"--dns-hook tcx: {why}")
+        if have_tcx:
+            return tcx, tcx.description
+        return sock, f"{why}; {sock.description}"
 
     def fallback_modes(self, features) -> list[Mode]:
-        # Both modes run the same compiled code: socket is a fallback without a recompile.
+        # Every mode runs the same compiled code: socket is a fallback without a recompile.
         if self.mode is self.modes[0] and getattr(self.config, "dns_hook", "auto") == "auto":
             return [self.modes[1]]
         return []
@@ -168,7 +238,9 @@ class DnsProbe(Probe):
         self.module = module
         self._attached = []
         self.search_list = dn.read_search_list(self.config.dns_resolv_conf)
-        if self.mode.name == "tc":
+        if self.mode.name == "tcx":
+            self._attach_tcx()
+        elif self.mode.name == "tc":
             self._attach_tc()
         else:
             self._attach_socket()
@@ -189,6 +261,55 @@ class DnsProbe(Probe):
             sock.close()
             raise
         self._sock = sock
+
+    def _attach_tcx(self) -> None:
+        from bcc import BPF
+        fn = self.module.load_func(b"dns_tc", BPF.SCHED_CLS)
+        self._tc_fd = fn.fd
+        # ifindexes are per netns: remember the attaching thread's, for the rescans.
+        self._tcx_netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._scan_tcx()
+        if not self._tc:
+            errs = "; ".join(f"{k}: {v}" for k, v in list(self._tc_errors.items())[:3])
+            self._close_tcx()
+            raise RuntimeError(f"tcx attach failed on every interface ({errs or 'no interfaces'})")
+
+    def _scan_tcx(self) -> None:
+        """Link new interfaces (ingress and egress); close the links of vanished ones. Runs
+        in the daemon's netns (start-up and the sampler thread): ifindexes are per netns."""
+        links = dict(socket.if_nameindex())
+        for index in [i for i in self._tcx_links if i not in links]:
+            for fd in self._tcx_links.pop(index):
+                os.close(fd)
+            self._tc.pop(index, None)
+        for index, ifname in links.items():
+            if index in self._tcx_links:
+                continue
+            fds: list[int] = []
+            try:
+                for attach_type in TCX_ATTACH_TYPES:
+                    fds.append(tcx_link(self._tc_fd, index, attach_type))
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                self._tc_errors[ifname] = f"{type(exc).__name__}: {exc}"
+                continue
+            self._tcx_links[index] = fds
+            self._tc[index] = ifname
+            self._tc_errors.pop(ifname, None)
+
+    def _close_tcx(self) -> None:
+        for index, fds in self._tcx_links.items():
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._tc.pop(index, None)
+        self._tcx_links.clear()
+        if self._tcx_netns is not None:
+            os.close(self._tcx_netns)
+            self._tcx_netns = None
 
     def _attach_tc(self) -> None:
         from bcc import BPF
@@ -324,17 +445,19 @@ class DnsProbe(Probe):
     def programs(self) -> list[str]:
         if self.mode is None or not getattr(self, "_attached", None):
             return []
-        return ["dns_tc" if self.mode.name == "tc" else "dns_sock"]
+        return ["dns_tc" if self.mode.name in ("tc", "tcx") else "dns_sock"]
 
     def detach(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._close_tcx()
         self._close_tc()
         self._attached = []
 
     def close(self) -> None:
-        if self.module is not None or self._worker is not None or self._sock is not None:
+        if (self.module is not None or self._worker is not None or self._sock is not None
+                or self._tcx_netns is not None):
             self.detach()
         self.module = None
 
@@ -342,6 +465,15 @@ class DnsProbe(Probe):
     def background(self) -> None:
         self.sweep()
         self._record_names()
+        if self.mode is not None and self.mode.name == "tcx" and self._tcx_netns is not None:
+            from ..daemon import netns
+            try:
+                if netns._same_netns(self._tcx_netns):
+                    self._scan_tcx()
+                else:
+                    netns.run_in(f"/proc/self/fd/{self._tcx_netns}", self._scan_tcx)
+            except Exception as exc:
+                log.debug("dns tcx rescan: %s", exc)
         if self.mode is not None and self.mode.name == "tc" and self._worker is not None:
             try:
                 self._worker.call(self._scan_tc, timeout=30)
@@ -557,9 +689,10 @@ class DnsProbe(Probe):
         }
         if self.module is not None:
             out["stats"] = decode_stats(self.table("dns_stats"))
-        if self.mode is not None and self.mode.name == "tc":
+        if self.mode is not None and self.mode.name in ("tc", "tcx"):
             out["interfaces"] = sorted(self._tc.values())
             out["interface_errors"] = dict(list(self._tc_errors.items())[:16])
+        if self.mode is not None and self.mode.name == "tc":
             out["stale_filters_removed"] = self.stale_filters_removed
         return out
 

@@ -162,10 +162,13 @@ def test_rcvbuf_finding_in_text_and_json(daemon, net):
     assert f["evidence"]["by_protocol"]["ipv4"] == f["evidence"]["drops"]
     assert any(r.startswith("sysctl -w net.core.rmem_max=") for r in f["remediation"])
     assert f["evidence"]["top_locations"] and f["evidence"]["top_locations"][0]["reason"] == "SOCKET_RCVBUFF"
-    # The most specific, most actionable finding is first: severity, then impact.
+    # The most specific, most actionable finding is first: ranked by score (severity plus
+    # log10 of the events per second it explains), and info never above a warning.
+    scores = [x["score"] for x in report["findings"]]
+    assert scores == sorted(scores, reverse=True)
     sev = {"info": 0, "warning": 1, "critical": 2}
-    ranks = [(sev[x["severity"]], x["impact"]) for x in report["findings"]]
-    assert ranks == sorted(ranks, reverse=True)
+    infos = [i for i, x in enumerate(report["findings"]) if sev[x["severity"]] == 0]
+    assert all(i > j for i in infos for j, x in enumerate(report["findings"]) if sev[x["severity"]] > 0)
     assert report["findings"][0]["id"] == "drops.socket_receive_buffer"
 
     # Same via ?format=json, and the window is real: at most what the daemon has been up.

@@ -1,8 +1,9 @@
 """End-to-end tier for the DNS probe: the real `dpwatch run` in a node netns, real resolvers
 (dnsmasq on the node, a dnslib server in a second pod), dnspython clients in a pod, and
 everything read over HTTP: /metrics (promtool-checked), /diagnose, /probes. Malformed input
-must be counted and must not hurt the daemon; a kill -9 must not leave tc filters behind once
-dpwatch starts again."""
+must be counted and must not hurt the daemon; a kill -9 leaves no hook behind with the default
+hooks (tcx links, or the socket filter), and the legacy tc filters of --dns-hook tc are removed
+when dpwatch starts again."""
 
 from __future__ import annotations
 
@@ -59,14 +60,20 @@ def our_filters(ns: str, dev: str) -> str:
     return out
 
 
-def test_probe_attached_with_tc(daemon, net):
+def default_hook() -> str:
+    from dpwatch.probes.dns import tcx_supported
+    return "tcx" if tcx_supported()[0] else "socket"
+
+
+def test_probe_attached_with_the_default_hook(daemon, net):
     lab, _ = net
     status, _, body = daemon.get("/probes")
     dns_probe = next(p for p in json.loads(body)["probes"] if p["name"] == "dns")
-    assert dns_probe["state"] == "attached" and dns_probe["mode"] == "tc", dns_probe
-    assert set(dns_probe["info"]["interfaces"]) >= {"lo", lab.pod_list[0].veth_node, lab.pod_list[1].veth_node}
-    # `ip netns exec` execs dpwatch, so the Popen pid is the daemon's: the filters name it
-    assert f"dpwatch_dns_{daemon.proc.pid}" in our_filters(lab.node, lab.pod_list[0].veth_node)
+    assert dns_probe["state"] == "attached" and dns_probe["mode"] == default_hook(), dns_probe
+    if dns_probe["mode"] == "tcx":
+        assert set(dns_probe["info"]["interfaces"]) >= {"lo", lab.pod_list[0].veth_node,
+                                                        lab.pod_list[1].veth_node}
+    assert "dpwatch_dns_" not in our_filters(lab.node, lab.pod_list[0].veth_node)  # no legacy filter
 
 
 def test_counts_over_http_and_promtool(daemon, net):
@@ -159,12 +166,48 @@ def test_search_path_amplification_in_diagnose(daemon, net):
     assert "dns.search_path_amplification" in text
 
 
-def test_sigterm_removes_filters_and_kill9_is_cleaned_at_next_start(net, dpwatch_bin):
-    """kill -9 leaves the clsact filters (the kernel keeps them, and the program, while the
-    interface lives); the next dpwatch removes filters whose owner pid is gone."""
+def test_default_hook_leaves_nothing_after_kill9(net, dpwatch_bin):
+    """tcx links and the socket filter live as long as the process's file descriptors: after
+    kill -9 the kernel has freed the DNS program (its id is gone from bpftool)."""
+    lab, _ = net
+    d = DaemonProc(dpwatch_bin, lab.node, PORT + 3, *FLAGS)
+    try:
+        d.wait_ready()
+        ids = dns_prog_ids() & held_prog_ids(d.proc.pid)  # this daemon's, not another's
+        assert ids, "bpftool shows no dns_tc/dns_sock program of this dpwatch while it runs"
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(10)
+    finally:
+        d.stop()
+    deadline = time.monotonic() + 10
+    while dns_prog_ids() & ids and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not dns_prog_ids() & ids
+
+
+def held_prog_ids(pid: int) -> set[int]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                out.update(int(ln.split()[1]) for ln in fh if ln.startswith("prog_id:"))
+        except OSError:
+            continue
+    return out
+
+
+def dns_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
+    return {p["id"] for p in json.loads(out.stdout or "[]") if p.get("name") in ("dns_tc", "dns_sock")}
+
+
+def test_legacy_tc_sigterm_removes_filters_and_kill9_is_cleaned_at_next_start(net, dpwatch_bin):
+    """--dns-hook tc: kill -9 leaves the clsact filters (the kernel keeps them, and the
+    program, while the interface lives); the next dpwatch removes filters whose owner pid is
+    gone."""
     lab, _ = net
     dev = lab.pod_list[0].veth_node
-    first = DaemonProc(dpwatch_bin, lab.node, PORT + 1, *FLAGS)
+    first = DaemonProc(dpwatch_bin, lab.node, PORT + 1, *FLAGS, "--dns-hook", "tc")
     try:
         first.wait_ready()
         pid = first.proc.pid
@@ -175,7 +218,7 @@ def test_sigterm_removes_filters_and_kill9_is_cleaned_at_next_start(net, dpwatch
         first.stop()
     left = our_filters(lab.node, dev)
     assert f"dpwatch_dns_{pid}" in left  # what kill -9 leaves
-    second = DaemonProc(dpwatch_bin, lab.node, PORT + 2, *FLAGS)
+    second = DaemonProc(dpwatch_bin, lab.node, PORT + 2, *FLAGS, "--dns-hook", "tc")
     try:
         second.wait_ready()
         info = next(p for p in json.loads(second.get("/probes")[2])["probes"] if p["name"] == "dns")["info"]
