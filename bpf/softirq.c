@@ -18,6 +18,10 @@
  *   SOFTIRQ_NVEC         vectors the running kernel names (softirq_entry's format)
  *   SOFTIRQ_HIST_SLOTS   log2 latency buckets (slot s holds latencies below 2^s ns)
  *   SOFTIRQ_NAPI_MAX     devices in softirq_napi
+ *   SOFTIRQ_SAMPLE       a power of two N: every run is counted, but only every Nth run of a
+ *                        vector on a CPU is timed (and its raise-to-run latency taken), with
+ *                        weight N. Clock reads are most of this probe's cost, and a softirq can
+ *                        run once per packet (veth, loopback); N = 1 times every run.
  *   SOFTIRQ_ERR_VEC, SOFTIRQ_ERR_NAPI   error slots in dpw_errors
  */
 #ifndef SOFTIRQ_RAW
@@ -32,6 +36,9 @@
 #ifndef SOFTIRQ_NAPI_MAX
 #define SOFTIRQ_NAPI_MAX 256
 #endif
+#ifndef SOFTIRQ_SAMPLE
+#define SOFTIRQ_SAMPLE 8
+#endif
 
 struct softirq_cur {
     u64 ts;
@@ -41,12 +48,12 @@ struct softirq_cur {
 BPF_PERCPU_ARRAY(softirq_cur, struct softirq_cur, 1);
 
 struct softirq_vec_stat {
-    u64 ns;          /* time spent in the handler */
-    u64 entries;     /* handler runs (what /proc/softirqs counts) */
-    u64 raised;      /* when the pending vector was first raised (0: not pending) */
-    u64 lat_ns;      /* sum of raise-to-run latencies */
-    u64 lat_count;
-    u64 hist[SOFTIRQ_HIST_SLOTS];
+    u64 ns;          /* time spent in the handler (sampled runs, weighted) */
+    u64 entries;     /* handler runs (what /proc/softirqs counts), every one */
+    u64 raised;      /* when the vector was first raised for a sampled run (0: not armed) */
+    u64 lat_ns;      /* sum of raise-to-run latencies (weighted) */
+    u64 lat_count;   /* weighted */
+    u64 hist[SOFTIRQ_HIST_SLOTS];  /* weighted */
 };
 BPF_PERCPU_ARRAY(softirq_vec, struct softirq_vec_stat, SOFTIRQ_NVEC);
 
@@ -69,7 +76,9 @@ static __always_inline int softirq_on_raise(u32 vec)
         return 0;
     }
     struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
-    if (st && !st->raised)
+    /* Only the raise that precedes a sampled run (the next entry's number is a multiple of
+     * SOFTIRQ_SAMPLE) reads the clock. */
+    if (st && !st->raised && ((st->entries + 1) & (SOFTIRQ_SAMPLE - 1)) == 0)
         st->raised = bpf_ktime_get_ns();
     return 0;
 }
@@ -80,25 +89,27 @@ static __always_inline int softirq_on_entry(u32 vec)
         dpw_count_error(SOFTIRQ_ERR_VEC);
         return 0;
     }
-    u64 now = bpf_ktime_get_ns();
     u32 zero = 0;
     struct softirq_cur *cur = softirq_cur.lookup(&zero);
-    if (cur) {
-        cur->ts = now;
-        cur->vec = vec;
-    }
     struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
-    if (!st)
+    if (!cur || !st)
         return 0;
     st->entries++;
+    if (st->entries & (SOFTIRQ_SAMPLE - 1)) {
+        cur->ts = 0;  /* not timed */
+        return 0;
+    }
+    u64 now = bpf_ktime_get_ns();
+    cur->ts = now;
+    cur->vec = vec;
     if (st->raised) {
         u64 d = now > st->raised ? now - st->raised : 0;
         st->raised = 0;
-        st->lat_ns += d;
-        st->lat_count++;
+        st->lat_ns += d * SOFTIRQ_SAMPLE;
+        st->lat_count += SOFTIRQ_SAMPLE;
         u32 slot = softirq_slot(d);
         if (slot < SOFTIRQ_HIST_SLOTS)
-            st->hist[slot]++;
+            st->hist[slot] += SOFTIRQ_SAMPLE;
     }
     return 0;
 }
@@ -113,7 +124,7 @@ static __always_inline int softirq_on_exit(u32 vec)
     cur->ts = 0;
     struct softirq_vec_stat *st = softirq_vec.lookup(&vec);
     if (st)
-        st->ns += d;
+        st->ns += d * SOFTIRQ_SAMPLE;
     return 0;
 }
 

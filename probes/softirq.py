@@ -152,7 +152,8 @@ class SoftirqProbe(Probe):
         self.nvec = max(1, min(64, max(self.names, default=9) + 1))
         return [f"-DSOFTIRQ_RAW={1 if self.mode and self.mode.name == 'raw_tracepoint' else 0}",
                 f"-DSOFTIRQ_NVEC={self.nvec}", f"-DSOFTIRQ_HIST_SLOTS={HIST_SLOTS}",
-                f"-DSOFTIRQ_NAPI_MAX={int(self.config.softirq_napi_devices)}"]
+                f"-DSOFTIRQ_NAPI_MAX={int(self.config.softirq_napi_devices)}",
+                f"-DSOFTIRQ_SAMPLE={int(self.config.softirq_sample)}"]
 
     def attach(self, module) -> None:
         if not self.names:  # user-space mode: cflags() was not called
@@ -237,14 +238,16 @@ class SoftirqProbe(Probe):
         c = reading["counters"]
         if "softirq_ns" in c:
             secs = CounterMetricFamily("dpwatch_softirq_seconds", "Time spent in softirq handlers, "
-                                       "per CPU and vector (irq:softirq_entry to exit).",
+                                       "per CPU and vector (irq:softirq_entry to exit; one run in "
+                                       "--softirq-sample timed, weighted).",
                                        labels=["cpu", "vector"])
             for (cpu, vec), v in sorted(c["softirq_ns"].items()):
                 secs.add_metric([str(cpu), vec], v / 1e9)
             yield secs
             lat = HistogramMetricFamily("dpwatch_softirq_raise_latency_seconds", "Time from a "
                                         "softirq's first raise to its handler starting, per vector "
-                                        "(log2 buckets).", labels=["vector"])
+                                        "(log2 buckets; one run in --softirq-sample measured, "
+                                        "weighted).", labels=["vector"])
             by_vec: dict[str, dict[int, int]] = {}
             for (vec, slot), n in c["latency"].items():
                 by_vec.setdefault(vec, {})[slot] = n
@@ -287,7 +290,7 @@ class SoftirqProbe(Probe):
         return {"vectors": [vector_name(self.names, v) for v in sorted(self.names)],
                 "vector_name_source": self.name_source,
                 "napi_devices": int(self.config.softirq_napi_devices),
-                "latency_buckets": HIST_SLOTS,
+                "latency_buckets": HIST_SLOTS, "timed_runs": f"1 in {int(self.config.softirq_sample)}",
                 "malformed_lines": dict(self.malformed), "read_errors": dict(self.read_errors)}
 
     # -- findings -------------------------------------------------------------------------------

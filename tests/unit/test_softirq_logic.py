@@ -441,7 +441,7 @@ def test_cflags_from_kernel_names(monkeypatch):
     p = SoftirqProbe(cfg(softirq_napi_devices=32))
     p.mode = p.modes[0]
     assert p.cflags(features(ALL_TPS)) == ["-DSOFTIRQ_RAW=1", "-DSOFTIRQ_NVEC=10", "-DSOFTIRQ_HIST_SLOTS=32",
-                                           "-DSOFTIRQ_NAPI_MAX=32"]
+                                           "-DSOFTIRQ_NAPI_MAX=32", "-DSOFTIRQ_SAMPLE=8"]
     p.mode = p.modes[1]
     assert p.cflags(features(ALL_TPS))[0] == "-DSOFTIRQ_RAW=0"
 
@@ -465,6 +465,8 @@ def test_vector_names_fall_back_to_proc_softirqs(monkeypatch):
     ("softirq_squeeze_rate", 0.0, "--softirq-squeeze-rate must be > 0"),
     ("softirq_steal_percent", -1.0, "--softirq-steal-percent: -1 is outside (0, 100]"),
     ("softirq_napi_devices", 0, "--softirq-napi-devices must be within 1..65536"),
+    ("softirq_sample", 12, "--softirq-sample: 12 must be a power of two within 1..1024"),
+    ("softirq_sample", 2048, "--softirq-sample: 2048 must be a power of two"),
 ])
 def test_config_rejects(field, value, message):
     with pytest.raises(ConfigError) as err:
@@ -487,3 +489,57 @@ def test_flags_and_env(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--softirq-hooks: 'fentry' is not auto" in err
     assert "--softirq-latency-threshold: 'soon' is not a duration" in err
+
+
+# -- reading the maps (BCC tables faked: the layout of bpf/softirq.c's values) -----------------
+
+class FakeStat:
+    def __init__(self, ns=0, entries=0, lat_ns=0, hist=None):
+        self.ns, self.entries, self.raised, self.lat_ns = ns, entries, 0, lat_ns
+        self.hist = [0] * sq.HIST_SLOTS
+        for slot, n in (hist or {}).items():
+            self.hist[slot] = n
+        self.lat_count = sum(self.hist)
+
+
+class FakeArray:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def Key(self, i):
+        return i
+
+    def __getitem__(self, key):
+        return self.rows[key]
+
+
+class FakeHash:
+    def __init__(self, items):
+        self._items = items
+
+    def items(self):
+        return [(SimpleNamespace(name=k.encode()), SimpleNamespace(value=v)) for k, v in self._items.items()]
+
+
+def test_collect_bpf_maps(monkeypatch):
+    monkeypatch.setattr(procnet, "read_text", lambda path: None)
+    p = SoftirqProbe(cfg())
+    p.names, p.nvec = {0: "TIMER", 1: "NET_RX"}, 2
+    p.mode = p.modes[0]
+    tables = {
+        "softirq_vec": FakeArray({
+            0: [FakeStat(ns=10, entries=1, lat_ns=5, hist={3: 1}), FakeStat()],
+            1: [FakeStat(ns=100, entries=4, lat_ns=40, hist={9: 3, 12: 1}),
+                FakeStat(ns=7, entries=1, lat_ns=9, hist={9: 1})]}),
+        "softirq_napi": FakeHash({"eth0": 12, sq.NO_DEVICE: 3}),
+        "softirq_napi_over": FakeArray({0: [2, 3]}),
+    }
+    p.module = object()  # attached: bpf_active
+    monkeypatch.setattr(SoftirqProbe, "table", lambda self, name: tables[name])
+    c = p.collect()["counters"]
+    assert c["softirq_ns"] == {(0, "TIMER"): 10, (0, "NET_RX"): 100, (1, "NET_RX"): 7}
+    assert c["softirq_entries"] == {(0, "TIMER"): 1, (0, "NET_RX"): 4, (1, "NET_RX"): 1}
+    assert c["latency"] == {("TIMER", 3): 1, ("NET_RX", 9): 4, ("NET_RX", 12): 1}
+    assert c["net_latency"] == {(0, "NET_RX", 9): 3, (0, "NET_RX", 12): 1, (1, "NET_RX", 9): 1}
+    assert c["latency_sum_ns"] == {("TIMER",): 5, ("NET_RX",): 49}
+    assert c["napi_exhausted"] == {("eth0",): 12, (sq.NO_DEVICE,): 3, (sq.OVERFLOW_DEVICE,): 5}
