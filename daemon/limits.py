@@ -21,6 +21,7 @@ from collections import OrderedDict
 from prometheus_client.core import Metric
 
 OTHER = "other"
+_PER_SAMPLE = ("le", "quantile")  # labels of one sample within a series, not of the series
 DEFAULT_MAX_SERIES = 2000
 DEFAULT_IDLE_SECONDS = 3600.0
 
@@ -55,11 +56,11 @@ class SeriesLimiter:
         samples = metric.samples
         if not samples:
             return metric
-        label_names = tuple(samples[0].labels)
+        # A series is a label set without le/quantile: a histogram's buckets, _sum and _count
+        # stay together, and fold together.
+        label_names = tuple(n for n in samples[0].labels if n not in _PER_SAMPLE)
         if not label_names:
             return metric  # one series, nothing to cap
-        # Group samples by their label set (a counter has one sample per label set, but keep
-        # any suffix samples such as _bucket together with their series).
         series: dict[tuple, list] = {}
         for s in samples:
             series.setdefault(tuple(s.labels.get(n, "") for n in label_names), []).append(s)
@@ -94,13 +95,13 @@ class SeriesLimiter:
         out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
         for k in keep:
             out.samples.extend(series[k])
-        other_labels = dict.fromkeys(label_names, OTHER)
-        sums: dict[str, float] = {}
+        sums: dict[tuple, float] = {}  # (sample name, le/quantile labels) -> sum
         for k in fold:
             for s in series[k]:
-                sums[s.name] = sums.get(s.name, 0.0) + s.value
-        for name, value in sums.items():
-            out.add_sample(name, dict(other_labels), value)
+                extra = tuple((n, v) for n, v in s.labels.items() if n in _PER_SAMPLE)
+                sums[(s.name, extra)] = sums.get((s.name, extra), 0.0) + s.value
+        for (name, extra), value in sums.items():
+            out.add_sample(name, {**dict.fromkeys(label_names, OTHER), **dict(extra)}, value)
         return out
 
     def _expire(self, fam: _Family, now: float) -> None:

@@ -83,6 +83,34 @@ def test_folded_memory_is_bounded():
     assert lim.overflow()["dpwatch_test_things"] == 1000
 
 
+def test_histograms_fold_whole_series():
+    from prometheus_client.core import HistogramMetricFamily
+    fam = HistogramMetricFamily("dpwatch_test_seconds", "latency", labels=["rcode"])
+    for i, rc in enumerate(("NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED")):
+        fam.add_metric([rc], [("0.1", i + 1), ("1.0", 2 * (i + 1)), ("+Inf", 3 * (i + 1))], 0.5 * (i + 1))
+    lim = SeriesLimiter(2)
+    out = lim.apply(fam)
+    rows = {(s.name, s.labels.get("rcode"), s.labels.get("le")): s.value for s in out.samples}
+    # REFUSED (4) and SERVFAIL (3) keep theirs; NOERROR (1) and NXDOMAIN (2) fold, bucket by bucket.
+    assert rows[("dpwatch_test_seconds_bucket", "other", "0.1")] == 3
+    assert rows[("dpwatch_test_seconds_bucket", "other", "+Inf")] == 9
+    assert rows[("dpwatch_test_seconds_count", "other", None)] == 9
+    assert rows[("dpwatch_test_seconds_sum", "other", None)] == 1.5
+    assert {r for _n, r, _le in rows} == {"REFUSED", "SERVFAIL", "other"}
+    assert lim.overflow() == {"dpwatch_test_seconds": 2}
+    reg = CollectorRegistry(auto_describe=False)
+
+    class _C:
+        def collect(self):
+            yield out
+    reg.register(_C())
+    text = generate_latest(reg).decode()
+    promtool = shutil.which("promtool")
+    if promtool:
+        res = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+        assert res.returncode == 0, res.stdout.decode() + res.stderr.decode()
+
+
 def test_limiter_rejects_a_zero_cap():
     with pytest.raises(ValueError):
         SeriesLimiter(0)
