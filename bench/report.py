@@ -293,7 +293,8 @@ def _section4(r: dict, L: list[str]) -> None:
     else:
         L.append("node-exporter: no result")
     L.append("")
-    L += table(["peer", "status"], [["bcc softirqs (libbpf-tools/softirqs)", "pending: softirq probe (issue 6)"]])
+    L.append("bcc's softirqs tool (softirqs-bpfcc) is measured side by side with the softirq probe "
+             "in stage 5 below.")
     L.append("")
 
 
