@@ -349,12 +349,12 @@ def node_dashboard() -> dict:
                  target(f"sum({rate('dpwatch_dns_malformed_packets_total')})", "malformed packets/s"), w=8)
     b.heatmap("Response time", "How long DNS answers took (dpwatch_dns_request_duration_seconds buckets, "
               "0.25 ms to 8 s), all rcodes.",
-              "s", levels((ORANGE, 0.1), (RED, 1)),
+              "s", levels((ORANGE, 0.2), (RED, 1)),
               target(f"sum by (le) (increase(dpwatch_dns_request_duration_seconds_bucket{{{NODE}}}[$__rate_interval]))",
                      "{{le}}", fmt="heatmap"), scheme="Blues")
     b.timeseries("Response time p50 / p90 / p99", "Quantiles of DNS response time. Orange: the "
-                 "DpwatchDNSLatencyHigh alert's p99 of 100 ms (dns.latency_high).",
-                 "s", levels((ORANGE, 0.1), (RED, 1)),
+                 "DpwatchDNSLatencyHigh alert's p99 of 200 ms (dns.latency_high).",
+                 "s", levels((ORANGE, 0.2), (RED, 1)),
                  *[target(f"histogram_quantile({q}, sum by (le) "
                           f"({rate('dpwatch_dns_request_duration_seconds_bucket')}))", f"p{int(q * 100)}")
                    for q in (0.5, 0.9, 0.99)], w=12, h=9)
@@ -415,9 +415,9 @@ def cluster_dashboard() -> dict:
                  target(f"max by (instance) ({rate('dpwatch_cpu_steal_seconds_total', CLUSTER)})", "{{instance}}"))
 
     b.row("DNS by node")
-    b.timeseries("DNS p99 per node", "99th percentile DNS response time per node (orange: 100 ms, "
+    b.timeseries("DNS p99 per node", "99th percentile DNS response time per node (orange: 200 ms, "
                  "DpwatchDNSLatencyHigh).",
-                 "s", levels((ORANGE, 0.1), (RED, 1)),
+                 "s", levels((ORANGE, 0.2), (RED, 1)),
                  target("histogram_quantile(0.99, sum by (instance, le) "
                         f"({rate('dpwatch_dns_request_duration_seconds_bucket', CLUSTER)}))", "{{instance}}"))
     b.timeseries("DNS timeouts per node", "Share of DNS queries never answered (orange at 1%: "
