@@ -119,7 +119,7 @@ def main(argv=None) -> int:
                 ("daemon", "3. daemon cost", stages.daemon_cost),
                 ("peers", "4. peers", stages.peers),
                 ("softirq", "5. softirq probe vs bcc softirqs", stage_softirq.softirq_cost),
-                ("dns", "6. DNS probe hook: tc vs socket filter", stage_dns.dns_cost)]
+                ("dns", "6. DNS probe hook: tcx vs socket filter vs legacy tc", stage_dns.dns_cost)]
         for key, title, fn in plan:
             if key not in wanted:
                 continue
