@@ -42,7 +42,7 @@ GUEST_TIMEOUT ?= 3000
 test-kernels: setup-test
 	/usr/bin/python3 tests/vm/run_guest.py --kernel-version $(GUEST_KERNEL) --timeout $(GUEST_TIMEOUT) \
 	  --env DPWATCH_EXPECT_KPROBES=1 --env PYTEST_ADDOPTS="--timeout=1500 -p no:cacheprovider" \
-	  -- $(PYTEST) -v -rs --durations=10 $(PYTEST_ARGS) tests/kernel tests/e2e \
+	  -- $(PYTEST) -v -rs --durations=10 $(PYTEST_ARGS) tests/kernel tests/e2e -m "not host_only" \
 	     --ignore=tests/e2e/test_bench_smoke.py  # speed under emulation means nothing
 
 # The overhead benchmark (about 6 minutes; bench/README.md). BENCH_ARGS=--smoke for the

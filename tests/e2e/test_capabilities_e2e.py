@@ -132,6 +132,7 @@ def test_every_probe_attaches_with_only_the_daemonset_capabilities(net, dpwatch_
 # the kernel reason it cannot (SYS_RESOURCE: since 5.11 maps are charged to the memory cgroup,
 # not RLIMIT_MEMLOCK; NET_RAW: only the dns probe's socket-filter fallback opens AF_PACKET;
 # SYSLOG: only needed when kernel.kptr_restrict is 1).
+@pytest.mark.host_only  # three more daemon starts: host only (the guest runs the main capsh test)
 @pytest.mark.parametrize("cap", ["BPF", "PERFMON", "NET_ADMIN"])
 def test_each_capability_is_needed(net, dpwatch_bin, full_root, cap):
     keep = [c for c in daemonset_caps() + PROVEN_EXTRA if c != cap]

@@ -27,6 +27,9 @@ from netlab import Lab, in_netns
 from test_daemon_e2e import DaemonProc
 from tlsca import TestCA
 
+# TLS, auth and limits are HTTP behaviour only: not rerun in the 6.1 guest (make test-kernels).
+pytestmark = pytest.mark.host_only
+
 PASSWORD = "correct horse battery"
 TOKEN = "e2e-token-6f1d2c9a8b7e"
 

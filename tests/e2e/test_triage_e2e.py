@@ -150,6 +150,7 @@ def test_mtu_mismatch_with_fragmentation(mtu_daemon):
     assert top["impact"] >= frag["fragments_created_per_second"]
 
 
+@pytest.mark.host_only  # rendering, not kernel behaviour: host only
 def test_html_renders_in_headless_chromium(mtu_daemon, tmp_path):
     lab, d = mtu_daemon
     browser = shutil.which("chromium")
@@ -183,6 +184,7 @@ def test_html_renders_in_headless_chromium(mtu_daemon, tmp_path):
         shutil.copy(shot, keep)
 
 
+@pytest.mark.host_only  # HTTP client behaviour: host only
 def test_diagnose_url_against_the_daemon(mtu_daemon, dpwatch_bin):
     lab, d = mtu_daemon
     res = subprocess.run(["ip", "netns", "exec", lab.node, dpwatch_bin, "diagnose", "--url",

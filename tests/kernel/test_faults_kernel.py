@@ -308,6 +308,7 @@ def test_real_daemon_degrades_per_probe_and_counts_exactly(dpwatch_bin, monkeypa
             assert d.stop() == 0
 
 
+@pytest.mark.host_only  # exit handling, not kernel behaviour; compile:mtu means six compiles, over 300 s under emulation in the guest
 @pytest.mark.parametrize("fault", ["hook:frag", "compile:mtu"])
 def test_strict_turns_a_fault_into_a_clean_exit(dpwatch_bin, fault):
     with Lab(pods=1) as lab:
