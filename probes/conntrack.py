@@ -90,6 +90,10 @@ class NetnsSource:
             try:
                 from pyroute2 import Conntrack
                 ct = Conntrack()
+                # One event loop for this worker thread's calls, as pyroute2's IPRoute keeps:
+                # without it the sync API makes and drops one per call and leaks ~100 B each
+                # (its loop-id set and error queue grow; seen in bench/soak.py).
+                ct.asyncore.local.keep_event_loop = True
                 ct.stat()  # proves the netlink family answers in this netns
                 self._ct, self.source = ct, "netlink"
             except Exception as exc:  # no nfnetlink_conntrack: fall back to /proc
