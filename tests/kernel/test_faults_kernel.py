@@ -320,3 +320,33 @@ def test_strict_turns_a_fault_into_a_clean_exit(dpwatch_bin, fault):
     assert res.returncode == cli.EX_NOT_LOADED == 3, res.stderr[-2000:]
     assert f"probe {probe} " in res.stderr and "exiting: --strict and a probe is down" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ---- the series cap over real maps ---------------------------------------------------------------
+
+def test_series_cap_folds_real_drop_reasons_into_other(lab):
+    """--max-series-per-metric 1 on the real drops probe: after IPv4 and IPv6 drops there are
+    two (reason, protocol) label sets or more; one keeps its series, the rest fold into
+    {reason="other",protocol="other"}, nothing is lost from the total, and the overflow is
+    counted."""
+    d = in_process_daemon([DropsProbe], max_series_per_metric=1)
+    try:
+        for fam, dst in ((socket.AF_INET, lab.pod.node_ip4), (socket.AF_INET6, lab.pod.node_ip6)):
+            udp_send(lab.pod.ns, dst, closed_udp_port(lab.node, fam), 50, family=fam)
+        time.sleep(0.2)
+        app = create_app(d)
+
+        def total():
+            raw = d.manager.collect()["drops"]["counters"]["drops"]
+            return sum(v for (reason, _p), v in raw.items() if reason not in ("NOT_DROPPED_YET", "CONSUMED"))
+        before = total()
+        text = http(app, "/metrics").text
+        after = total()
+        rows = [ln for ln in text.splitlines() if ln.startswith("dpwatch_skb_drops_total{")]
+        assert len(rows) == 2, rows
+        assert any('protocol="other",reason="other"' in r for r in rows)
+        shown = sum(float(r.rsplit(" ", 1)[1]) for r in rows)
+        assert before <= shown <= after  # nothing lost from the total (drops go on meanwhile)
+        assert metric(text, "dpwatch_series_overflow_total", metric="dpwatch_skb_drops") >= 1
+    finally:
+        d.stop()
