@@ -63,6 +63,29 @@ def malloc_trim() -> None:
         pass
 
 
+CAP_SYS_ADMIN = 21
+
+
+def perf_paranoid_hint(paranoid_path: str = "/proc/sys/kernel/perf_event_paranoid",
+                       status_path: str = "/proc/self/status") -> str:
+    """Why a tracepoint or kprobe attach fails with CAP_PERFMON alone on Debian and Ubuntu
+    kernels: their patch makes kernel.perf_event_paranoid >= 3 refuse perf_event_open(2) to
+    anything without CAP_SYS_ADMIN. Raw tracepoints and socket/tc programs do not use
+    perf_event_open and are not affected. Empty when this is not the cause."""
+    try:
+        with open(paranoid_path) as fh:
+            paranoid = int(fh.read().strip())
+        with open(status_path) as fh:
+            eff = next(int(ln.split()[1], 16) for ln in fh if ln.startswith("CapEff:"))
+    except (OSError, ValueError, StopIteration):
+        return ""
+    if paranoid < 3 or eff & (1 << CAP_SYS_ADMIN):
+        return ""
+    return (f"kernel.perf_event_paranoid={paranoid} refuses perf_event_open without CAP_SYS_ADMIN "
+            "on Debian/Ubuntu kernels: set it to 2 on the node (sysctl -w "
+            "kernel.perf_event_paranoid=2) or grant CAP_SYS_ADMIN")
+
+
 class _CapturedStderr:
     """Capture fd 2 while BCC compiles, so compiler errors can be reported per probe."""
 
@@ -228,6 +251,10 @@ class ProbeManager:
             try:
                 probe.attach(self.module)
             except Exception as exc:
+                hint = perf_paranoid_hint()
+                if hint and any(h.kind in ("tracepoint", "kprobe", "kretprobe")
+                                for h in (probe.mode.hooks if probe.mode else ())):
+                    exc = f"{exc} ({hint})"
                 log.warning("probe %s failed to attach in mode %s: %s", name, st.mode, exc)
                 if not self._fall_back(name, probe, f"{st.mode} attach failed: {exc}"):
                     self._fail(name, f"attach failed: {exc}")

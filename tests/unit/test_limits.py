@@ -213,3 +213,21 @@ def test_basic_auth_success_cache_is_bounded():
     for user in users:
         assert auth.check(user, "pw")
     assert len(auth._ok) == BasicAuth.CACHE
+
+
+def test_perf_paranoid_hint(tmp_path):
+    """Debian/Ubuntu kernels refuse perf_event_open without CAP_SYS_ADMIN at paranoid >= 3:
+    the attach failure then says which sysctl to set (seen in the 6.1 guest under capsh)."""
+    from dpwatch.daemon.manager import perf_paranoid_hint
+    paranoid, status = tmp_path / "paranoid", tmp_path / "status"
+    status.write_text("Name:\tdpwatch\nCapEff:\t000000c000003000\n")  # BPF, PERFMON, NET_ADMIN, NET_RAW
+    paranoid.write_text("3\n")
+    hint = perf_paranoid_hint(str(paranoid), str(status))
+    assert "kernel.perf_event_paranoid=3" in hint and "sysctl -w kernel.perf_event_paranoid=2" in hint
+    paranoid.write_text("2\n")
+    assert perf_paranoid_hint(str(paranoid), str(status)) == ""
+    paranoid.write_text("4\n")
+    status.write_text("CapEff:\t000001ffffffffff\n")  # root: CAP_SYS_ADMIN held
+    assert perf_paranoid_hint(str(paranoid), str(status)) == ""
+    paranoid.write_text("garbage\n")
+    assert perf_paranoid_hint(str(paranoid), str(status)) == ""
