@@ -33,6 +33,9 @@
 #ifndef SOFTIRQ_HIST_SLOTS
 #define SOFTIRQ_HIST_SLOTS 32
 #endif
+#if SOFTIRQ_HIST_SLOTS & (SOFTIRQ_HIST_SLOTS - 1)
+#error "SOFTIRQ_HIST_SLOTS must be a power of two (the index is masked with it)"
+#endif
 #ifndef SOFTIRQ_NAPI_MAX
 #define SOFTIRQ_NAPI_MAX 256
 #endif
@@ -107,9 +110,10 @@ static __always_inline int softirq_on_entry(u32 vec)
         st->raised = 0;
         st->lat_ns += d * SOFTIRQ_SAMPLE;
         st->lat_count += SOFTIRQ_SAMPLE;
-        u32 slot = softirq_slot(d);
-        if (slot < SOFTIRQ_HIST_SLOTS)
-            st->hist[slot] += SOFTIRQ_SAMPLE;
+        /* The mask (SOFTIRQ_HIST_SLOTS is a power of two) is what bounds the index for older
+         * verifiers: 6.1's loses the clamp above once the compiler copies the value. */
+        u32 slot = softirq_slot(d) & (SOFTIRQ_HIST_SLOTS - 1);
+        st->hist[slot] += SOFTIRQ_SAMPLE;
     }
     return 0;
 }
