@@ -111,8 +111,12 @@ static __always_inline int softirq_on_entry(u32 vec)
         st->lat_ns += d * SOFTIRQ_SAMPLE;
         st->lat_count += SOFTIRQ_SAMPLE;
         /* The mask (SOFTIRQ_HIST_SLOTS is a power of two) is what bounds the index for older
-         * verifiers: 6.1's loses the clamp above once the compiler copies the value. */
-        u32 slot = softirq_slot(d) & (SOFTIRQ_HIST_SLOTS - 1);
+         * verifiers: 6.1's loses the clamp inside softirq_slot() once the compiler copies the
+         * value. The empty asm hides the clamp from clang, which would drop the mask as a
+         * no-op otherwise. */
+        u64 slot = softirq_slot(d);
+        asm volatile("" : "+r"(slot));
+        slot &= SOFTIRQ_HIST_SLOTS - 1;
         st->hist[slot] += SOFTIRQ_SAMPLE;
     }
     return 0;

@@ -178,7 +178,7 @@ def test_every_probe_attaches_with_only_the_daemonset_capabilities(net, dpwatch_
 # SYSLOG: only needed when kernel.kptr_restrict is 1).
 @pytest.mark.host_only  # three more daemon starts: host only (the guest runs the main capsh test)
 @pytest.mark.parametrize("cap", ["BPF", "PERFMON", "NET_ADMIN"])
-def test_each_capability_is_needed(net, dpwatch_bin, full_root, cap):
+def test_each_capability_is_needed(net, dpwatch_bin, full_root, cap, paranoid_at_most_2):
     keep = [c for c in daemonset_caps() + PROVEN_EXTRA if c != cap]
     # The probes these capabilities gate (one small compile: the guest kernel's are slow).
     watched = [n for n in ("drops", "dns") if n in full_root]
@@ -208,7 +208,7 @@ def _locations(ns: str, pod, dpwatch_bin: str, keep: list[str]) -> list[str]:
     return [loc["location"] for loc in top["evidence"]["top_locations"]]
 
 
-def test_syslog_is_what_resolves_drop_locations(net, dpwatch_bin):
+def test_syslog_is_what_resolves_drop_locations(net, dpwatch_bin, paranoid_at_most_2):
     """With kernel.kptr_restrict=1 (common on hardened nodes), /proc/kallsyms shows real
     addresses only to CAP_SYSLOG: without it, drop locations stay raw addresses."""
     path = "/proc/sys/kernel/kptr_restrict"
