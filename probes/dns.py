@@ -48,7 +48,7 @@ DEDUP_NS = 100_000_000    # bpf DNS_DEDUP_NS: sightings of one packet within 100
 ANSWERED_KEEP_NS = 1_000_000_000  # answered entries are swept after this (well past DEDUP_NS)
 MIN_LATENCY_SAMPLES = 10  # dns.latency_high needs this many responses in the window
 MIN_RATE_RESPONSES = 10   # dns.nxdomain_rate needs this many responses in the window
-NAME_HISTORY_MAX = 200_000  # (time, name) deltas kept for windows; oldest dropped first
+NAME_HISTORY_MAX = 20_000  # (interval, name) counts kept for windows (~500 B each, ~10 MiB); oldest dropped first
 
 
 TCX_ATTACH_TYPES = ("BPF_TCX_INGRESS", "BPF_TCX_EGRESS")

@@ -259,3 +259,24 @@ def test_metrics_text():
     assert 'dpwatch_dns_timeouts_total{server="10.96.0.10"} 2.0' in text
     assert 'dpwatch_dns_timeouts_total{server="other"} 0.0' in text
     assert "dpwatch_dns_malformed_packets_total 0.0" in text
+
+
+def test_name_history_is_bounded(monkeypatch):
+    """Every sampler pass records the names' deltas for /diagnose windows; under churn (a new
+    name per query) the history keeps at most NAME_HISTORY_MAX (interval, name) counts, oldest
+    first out, whatever --max-window allows."""
+    from dpwatch.probes import dns as dns_mod
+    probe = DnsProbe(Config().validate())
+    batch = iter(range(10**9))
+    state: dict = {}
+
+    def fresh_names():  # 1024 new names each pass: the kernel LRU's default size
+        for _ in range(1024):
+            state[("NXDOMAIN", "A", f"n{next(batch)}.example.")] = 1
+        return dict(state)
+    monkeypatch.setattr(probe, "read_names", fresh_names)
+    for _ in range(dns_mod.NAME_HISTORY_MAX // 1024 + 5):
+        probe._record_names()
+    assert probe._names_hist_size <= dns_mod.NAME_HISTORY_MAX
+    assert probe._names_hist_size == sum(len(d) for _, d in probe._names_hist)
+    assert probe._names_hist_size >= dns_mod.NAME_HISTORY_MAX - 1024  # only whole intervals go
