@@ -250,6 +250,9 @@ def test_tracepoint_kind_agrees_too(lab):
         d.stop()
 
 
+OTHER_FRAMES = 30  # frames not ours that a node-wide backlog of 1 may drop during a flood
+
+
 def test_forced_backlog_drops(daemon, fanout):
     p = probe(daemon)
     cpu, frames, backlog = CPUS[-1], 1000, 1
@@ -263,17 +266,22 @@ def test_forced_backlog_drops(daemon, fanout):
     w = Window(secs, before, after)
     drops = {c: n for (c, f), n in w.delta("softnet").items() if f == "dropped"}
     expected = frames * (fanout.ports - backlog - 1)
-    assert drops.get(cpu) == expected
-    assert sum(drops.values()) == expected  # no other CPU dropped anything
+    # softnet_stat is per CPU and node-wide, and netdev_max_backlog is one global value: while
+    # it is 1, any other frame queued on that CPU's backlog (IPv6 MLD or router solicitations
+    # from interfaces of other netns) is dropped too. Our frames give exactly `expected`; full
+    # runs here saw 7 more (6007, on 6.18 and in the 6.1 guest), a run alone none.
+    got = drops.get(cpu)
+    assert expected <= got <= expected + OTHER_FRAMES, (got, expected)
+    assert sum(drops.values()) - got <= OTHER_FRAMES  # the other CPU: other traffic only
     found = {f.id: f for f in p.diagnose(w)}
     f = found["softnet.backlog_drops"]
     current = int(open("/proc/sys/net/core/netdev_max_backlog").read())  # restored by now
-    assert f.evidence["drops"] == expected
-    assert f.evidence["per_cpu_drops"] == {str(cpu): expected}
+    assert f.evidence["drops"] == sum(drops.values())
+    assert f.evidence["per_cpu_drops"][str(cpu)] == got
     assert f.evidence["net.core.netdev_max_backlog"] == current
     assert f.remediation[0].startswith(
-        f"sysctl -w net.core.netdev_max_backlog={backlog_suggestion(current, expected / w.seconds)}")
-    assert f.impact == pytest.approx(expected / w.seconds)
+        f"sysctl -w net.core.netdev_max_backlog={backlog_suggestion(current, got / w.seconds)}")
+    assert f.impact == pytest.approx(sum(drops.values()) / w.seconds)
     # And the exported counter moved by the same amount.
     from prometheus_client import generate_latest
     text = generate_latest(make_registry(daemon.manager, daemon.features)).decode()
@@ -340,6 +348,7 @@ def test_procfs_mode_without_bpf(fanout):
         time.sleep(1.0)
         after = p.collect()
         found = {f.id: f for f in p.diagnose(Window(time.monotonic() - t0, before, after))}
-        assert found["softnet.backlog_drops"].evidence["per_cpu_drops"] == {str(CPUS[0]): 500 * 6}
+        got = found["softnet.backlog_drops"].evidence["per_cpu_drops"][str(CPUS[0])]
+        assert 500 * 6 <= got <= 500 * 6 + OTHER_FRAMES, got  # as in test_forced_backlog_drops
     finally:
         d.stop()
