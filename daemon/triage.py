@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import os
 import socket
 import textwrap
 import time
@@ -296,6 +297,13 @@ def build_series(ring: SnapshotRing, start_mono: float, now_mono: float, fresh: 
 
 # -- the report ----------------------------------------------------------------------------------
 
+def node_name() -> str:
+    """The node as Kubernetes names it: NODE_NAME (the DaemonSet sets it from the downward
+    API; with hostNetwork the hostname is usually the same, but not on every cloud), else the
+    hostname."""
+    return os.environ.get("NODE_NAME", "").strip() or socket.gethostname()
+
+
 def build_report(manager, ring: SnapshotRing, window_seconds: float, features) -> dict[str, Any]:
     now_mono, now_wall = time.monotonic(), time.time()
     fresh = manager.collect()
@@ -342,7 +350,7 @@ def build_report(manager, ring: SnapshotRing, window_seconds: float, features) -
         log.warning("series failed: %s", exc)
         series = []
     report = {
-        "node": socket.gethostname(),
+        "node": node_name(),
         "kernel": features.kernel_release,
         "generated_at": _dt.datetime.fromtimestamp(now_wall, _dt.timezone.utc).isoformat(timespec="seconds"),
         "window_seconds": round(span, 3),

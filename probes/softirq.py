@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -323,7 +322,8 @@ class _NodeFacts:
         return procnet.ksoftirqd_pids()
 
     def node(self) -> str:
-        return socket.gethostname()
+        from ..daemon.triage import node_name
+        return node_name()
 
 
 def _by_cpu(delta: dict, field: str | None = None, vectors: tuple[str, ...] | None = None) -> dict[int, float]:

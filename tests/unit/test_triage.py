@@ -340,3 +340,14 @@ def test_diagnose_url_errors(server, capsys):
     assert "cannot reach the daemon at" in capsys.readouterr().err
     assert cli.main(["diagnose", "--url", "node:9400"]) == cli.EX_USAGE
     assert "is not an http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_node_name_prefers_the_downward_api(monkeypatch):
+    import socket
+    from dpwatch.daemon.triage import node_name
+    monkeypatch.setenv("NODE_NAME", "worker-7")
+    assert node_name() == "worker-7"
+    monkeypatch.setenv("NODE_NAME", "  ")
+    assert node_name() == socket.gethostname()
+    monkeypatch.delenv("NODE_NAME")
+    assert node_name() == socket.gethostname()
