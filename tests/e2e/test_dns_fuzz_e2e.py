@@ -16,6 +16,7 @@ same malformed datagram.
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket
 import struct
@@ -134,6 +135,9 @@ def dns_daemon(dpwatch_bin):
             assert d.stop() == 0
 
 
+IDS = itertools.cycle(range(1, 0x10000))
+
+
 def counters(d) -> tuple[float, float, str]:
     text = d.get("/metrics")[2]
     return (metric(text, "dpwatch_dns_queries_total"), metric(text, "dpwatch_dns_malformed_packets_total"),
@@ -158,6 +162,13 @@ def _fuzz_one(dns_daemon_box, case, v6):
     lab, d = dns_daemon_box
     payload, want, rdtype = case
     assert expected(payload) == want, (payload, want)  # the generator and the reference agree
+    # A fresh DNS id for every datagram sent: the kernel counts a second sighting of the same
+    # (client, server, id) within 100 ms once (it is the same query seen on another interface),
+    # and Hypothesis replays an example back to back while it shrinks. The id never decides
+    # whether a message is malformed; the reference is asked again all the same.
+    if len(payload) >= 2:
+        payload = next(IDS).to_bytes(2, "big") + payload[2:]
+        want = expected(payload)
     q0, m0, text0 = counters(d)
     send(lab, payload, v6)
     deadline = time.monotonic() + 2
