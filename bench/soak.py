@@ -17,6 +17,12 @@ and a markdown summary: RSS at start (first sample after ready), once the ring i
 at the end, and the drift from ring-full to end (the number that must stay flat).
 
     /work/main/.venv/bin/python bench/soak.py --minutes 32 --out /tmp/soak.json
+
+--tracemalloc N runs the daemon under Python's tracemalloc (N frames per allocation) and dumps
+a heap snapshot every --tm-every seconds after the ring is full (SIGUSR2 to the daemon). The
+result then holds the allocation sites whose size grew most from the first dump to the last:
+the way to tell a leak in our code from allocator fragmentation. tracemalloc's own traces
+inflate RSS, so a run with it measures where memory goes, not how much.
 """
 
 from __future__ import annotations
@@ -100,6 +106,42 @@ def worker(target: str, seconds: float, udp_pps: int, dns_qps: int, tcp_cps: int
 
 
 # --------------------------------------------------------------------------------------------
+# tracemalloc: the daemon runs under this wrapper, which dumps a snapshot on SIGUSR2
+
+TM_WRAPPER = """
+import os, signal, sys, tracemalloc
+tracemalloc.start(int(os.environ["DPW_TM_FRAMES"]))
+_n = [0]
+def _dump(*_):
+    _n[0] += 1
+    tracemalloc.take_snapshot().dump(os.path.join(os.environ["DPW_TM_DIR"], "tm-%03d.snap" % _n[0]))
+signal.signal(signal.SIGUSR2, _dump)
+from dpwatch.daemon.cli import main
+sys.argv[0] = "dpwatch"
+sys.exit(main())
+"""
+
+
+def tm_growth(first: str, last: str, top: int = 25) -> list[dict]:
+    """The allocation sites (by traceback) that grew most between two dumps, ours first."""
+    import tracemalloc
+    a, b = tracemalloc.Snapshot.load(first), tracemalloc.Snapshot.load(last)
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    a, b = a.filter_traces(filters), b.filter_traces(filters)
+    stats = b.compare_to(a, "traceback")
+    out = []
+    for st in stats[:top]:
+        out.append({"size_diff_kb": round(st.size_diff / 1024, 1), "size_kb": round(st.size / 1024, 1),
+                    "count_diff": st.count_diff,
+                    "where": [f"{f.filename.split('/site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno}"
+                              for f in st.traceback][:8]})
+    total_a = sum(t.size for t in a.traces)
+    total_b = sum(t.size for t in b.traces)
+    out.insert(0, {"traced_first_kb": round(total_a / 1024, 1), "traced_last_kb": round(total_b / 1024, 1)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The parent
 
 def rss(pid: int) -> dict[str, int]:
@@ -115,6 +157,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dns-qps", type=int, default=300)
     ap.add_argument("--tcp-cps", type=int, default=20)
     ap.add_argument("--out", default="/tmp/dpwatch-soak.json")
+    ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                    help="run the daemon under tracemalloc and report the growing allocation sites")
+    ap.add_argument("--tm-every", type=float, default=300.0, help="seconds between heap dumps")
+    ap.add_argument("--tm-first", type=float, default=360.0,
+                    help="seconds to the first heap dump (after the 5-minute ring is full)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # target address: run the load loop
     a = ap.parse_args(argv)
     if a.worker:
@@ -145,9 +192,16 @@ def main(argv=None) -> int:
                                           "--cache-size=0", "--address=/ok.test/192.0.2.10",
                                           "--address=/nx.test/", "--log-facility=/dev/null"],
                               lab.node, tools))
-            d = Proc("dpwatch", [dpwatch, "run", "--listen", f"127.0.0.1:{PORT}",
+            tm_dir, tm_env, launcher = "", None, [dpwatch]
+            if a.tracemalloc:
+                import tempfile
+                tm_dir = tempfile.mkdtemp(prefix="dpwatch-tm-")
+                tm_env = {"DPW_TM_FRAMES": str(a.tracemalloc), "DPW_TM_DIR": tm_dir}
+                launcher = [os.path.join(REPO, ".venv", "bin", "python"), "-c", TM_WRAPPER]
+            d = Proc("dpwatch", launcher + ["run", "--listen", f"127.0.0.1:{PORT}",
                                  "--snapshot-interval", "1s", "--max-window", "5m",
-                                 "--mtu-audit-interval", "5s", "--log-level", "warning"], lab.node, tools)
+                                 "--mtu-audit-interval", "5s", "--log-level", "warning"], lab.node, tools,
+                     env=tm_env)
             procs.append(d)
             ready = wait_http(lab.node, PORT, "/readyz", d, 300)
             probes = json.loads(http_once(lab.node, PORT, "/probes")[1])
@@ -162,6 +216,7 @@ def main(argv=None) -> int:
             next_sample = t0
             n = 0
             errors = 0
+            next_dump = t0 + a.tm_first
             while not stop["now"] and time.monotonic() - t0 < seconds:
                 if not d.alive():
                     raise RuntimeError(f"daemon exited {d.popen.returncode}:\n{d.output()}")
@@ -185,8 +240,29 @@ def main(argv=None) -> int:
                     next_sample += a.sample
                     with open(a.out, "w") as f:  # partial results survive an interruption
                         json.dump(result, f, indent=1)
+                if a.tracemalloc and now >= next_dump:
+                    os.kill(d.pid, signal.SIGUSR2)
+                    next_dump += a.tm_every
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
             result["scrapes"], result["scrape_errors"] = n, errors
+            if a.tracemalloc:
+                def snaps() -> list[str]:
+                    return sorted(f for f in os.listdir(tm_dir) if f.endswith(".snap"))
+                before = len(snaps())
+                os.kill(d.pid, signal.SIGUSR2)
+                dumps, size = snaps(), -1
+                for _ in range(180):  # a snapshot of a big heap takes seconds to write
+                    time.sleep(1)
+                    dumps = snaps()
+                    if len(dumps) > before:
+                        now_size = os.path.getsize(os.path.join(tm_dir, dumps[-1]))
+                        if now_size == size and size > 0:
+                            break
+                        size = now_size
+                if len(dumps) >= 2:
+                    result["tracemalloc"] = {"dumps": len(dumps), "dir": tm_dir,
+                                             "growth": tm_growth(os.path.join(tm_dir, dumps[0]),
+                                                                 os.path.join(tm_dir, dumps[-1]))}
             metrics = http_once(lab.node, PORT, "/metrics")[1]
             result["series"] = sum(1 for ln in metrics.splitlines() if ln and not ln.startswith("#"))
             try:
