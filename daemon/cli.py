@@ -57,6 +57,19 @@ def _env(name: str, default=None):
     return os.environ.get("DPWATCH_" + name.upper().replace("-", "_"), default)
 
 
+def _opt(group, flag: str, kind: type, default, help: str) -> None:
+    """A numeric --flag whose default is DPWATCH_FLAG when that is set, else ``default``. A
+    variable that is not a number raises ConfigError naming it (main exits 64)."""
+    raw = _env(flag)
+    if raw is not None:
+        try:
+            default = kind(raw)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"DPWATCH_{flag.upper().replace('-', '_')}: {raw!r} is not {what}") from None
+    group.add_argument(f"--{flag}", type=kind, default=default, help=help)
+
+
 def _env_bool(name: str) -> bool:
     value = _env(name)
     if value is None:
@@ -87,32 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", default=None,
                    help="treat any probe that cannot load as fatal (exit 3), and with `run`, any "
                         "event lost while running (a full map, a failed read) too (exit 5)")
-    g.add_argument("--drops-rate-warning", type=float, default=float(_env("drops-rate-warning", d.drops_rate_warning)),
-                   help="drops/s over the window that raise drops.top_reasons (default: %(default)s)")
-    g.add_argument("--drops-rate-critical", type=float, default=float(_env("drops-rate-critical", d.drops_rate_critical)),
-                   help="drops/s that make a drops finding critical (default: %(default)s)")
-    g.add_argument("--drops-location-entries", type=int, default=int(_env("drops-location-entries", d.drops_location_entries)),
-                   help="LRU entries of drop locations kept in kernel; 0 turns it off (default: %(default)s)")
-    g.add_argument("--drops-location-sample", type=int, default=int(_env("drops-location-sample", d.drops_location_sample)),
-                   help="after the first 64 drops of a reason on a CPU, record the location of one "
-                        "drop in N (a power of two; 1 = every drop) (default: %(default)s)")
-    g.add_argument("--drops-other-entries", type=int, default=int(_env("drops-other-entries", d.drops_other_entries)),
-                   help="entries of the in-kernel hash for reasons above the named ones (default: %(default)s)")
+    _opt(g, "drops-rate-warning", float, d.drops_rate_warning,
+         help="drops/s over the window that raise drops.top_reasons (default: %(default)s)")
+    _opt(g, "drops-rate-critical", float, d.drops_rate_critical,
+         help="drops/s that make a drops finding critical (default: %(default)s)")
+    _opt(g, "drops-location-entries", int, d.drops_location_entries,
+         help="LRU entries of drop locations kept in kernel; 0 turns it off (default: %(default)s)")
+    _opt(g, "drops-location-sample", int, d.drops_location_sample,
+         help="after the first 64 drops of a reason on a CPU, record the location of one "
+              "drop in N (a power of two; 1 = every drop) (default: %(default)s)")
+    _opt(g, "drops-other-entries", int, d.drops_other_entries,
+         help="entries of the in-kernel hash for reasons above the named ones (default: %(default)s)")
     c = common.add_argument_group("conntrack probe")
     c.add_argument("--conntrack-all-netns", action="store_true", default=None,
                    help="watch every netns under /run/netns and /proc/*/ns/net, labelled by "
                         "netns inode (default: only the daemon's own)")
-    c.add_argument("--conntrack-max-netns", type=int, default=int(_env("conntrack-max-netns", d.conntrack_max_netns)),
-                   help="most namespaces watched with --conntrack-all-netns (default: %(default)s)")
-    c.add_argument("--conntrack-pressure-percent", type=float,
-                   default=float(_env("conntrack-pressure-percent", d.conntrack_pressure_percent)),
-                   help="table fill that raises conntrack.table_pressure (default: %(default)s)")
-    c.add_argument("--conntrack-full-percent", type=float,
-                   default=float(_env("conntrack-full-percent", d.conntrack_full_percent)),
-                   help="table fill that raises conntrack.table_full (default: %(default)s)")
+    _opt(c, "conntrack-max-netns", int, d.conntrack_max_netns,
+         help="most namespaces watched with --conntrack-all-netns (default: %(default)s)")
+    _opt(c, "conntrack-pressure-percent", float, d.conntrack_pressure_percent,
+         help="table fill that raises conntrack.table_pressure (default: %(default)s)")
+    _opt(c, "conntrack-full-percent", float, d.conntrack_full_percent,
+         help="table fill that raises conntrack.table_full (default: %(default)s)")
     m = common.add_argument_group("frag and mtu probes")
-    m.add_argument("--frag-rate-warning", type=float, default=float(_env("frag-rate-warning", d.frag_rate_warning)),
-                   help="fragments created per second that raise frag.fragmentation_active (default: %(default)s)")
+    _opt(m, "frag-rate-warning", float, d.frag_rate_warning,
+         help="fragments created per second that raise frag.fragmentation_active (default: %(default)s)")
     m.add_argument("--mtu-all-netns", action="store_true", default=None,
                    help="audit links in every netns (pod sides of veth pairs included), not just the daemon's")
     m.add_argument("--mtu-audit-interval", default=_env("mtu-audit-interval", "30s"),
@@ -120,38 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     na = common.add_argument_group("node audit")
     na.add_argument("--node-audit-interval", default=_env("node-audit-interval", "60s"),
                     help="how often the node audit (sysctls, sockets, netfilter rules) runs (default: %(default)s)")
-    na.add_argument("--netfilter-rules-warning", type=int,
-                    default=int(_env("netfilter-rules-warning", d.netfilter_rules_warning)),
-                    help="netfilter rules (nftables plus iptables-legacy) that raise "
-                         "netfilter.rule_count_high (default: %(default)s)")
+    _opt(na, "netfilter-rules-warning", int, d.netfilter_rules_warning,
+         help="netfilter rules (nftables plus iptables-legacy) that raise "
+              "netfilter.rule_count_high (default: %(default)s)")
     s = common.add_argument_group("softirq probe")
     s.add_argument("--softirq-hooks", default=_env("softirq-hooks", d.softirq_hooks),
                    help="auto (the cheapest the kernel has), raw_tracepoint, tracepoint, or procfs "
                         "(no BPF: softnet_stat and /proc/stat only) (default: %(default)s)")
-    s.add_argument("--softirq-saturated-percent", type=float,
-                   default=float(_env("softirq-saturated-percent", d.softirq_saturated_percent)),
-                   help="share of a CPU's time in NET_RX+NET_TX that raises softirq.cpu_saturated "
-                        "(default: %(default)s)")
-    s.add_argument("--softirq-imbalance-ratio", type=float,
-                   default=float(_env("softirq-imbalance-ratio", d.softirq_imbalance_ratio)),
-                   help="busiest CPU's net softirq time over the mean of all CPUs that raises "
-                        "softirq.imbalance (default: %(default)s)")
+    _opt(s, "softirq-saturated-percent", float, d.softirq_saturated_percent,
+         help="share of a CPU's time in NET_RX+NET_TX that raises softirq.cpu_saturated "
+              "(default: %(default)s)")
+    _opt(s, "softirq-imbalance-ratio", float, d.softirq_imbalance_ratio,
+         help="busiest CPU's net softirq time over the mean of all CPUs that raises "
+              "softirq.imbalance (default: %(default)s)")
     s.add_argument("--softirq-latency-threshold", default=_env("softirq-latency-threshold", "1ms"),
                    help="p99 raise-to-run latency of NET_RX/NET_TX that raises softirq.latency_high "
                         "(default: %(default)s)")
-    s.add_argument("--softirq-squeeze-rate", type=float,
-                   default=float(_env("softirq-squeeze-rate", d.softirq_squeeze_rate)),
-                   help="time squeezes per second that raise softnet.time_squeeze (default: %(default)s)")
-    s.add_argument("--softirq-steal-percent", type=float,
-                   default=float(_env("softirq-steal-percent", d.softirq_steal_percent)),
-                   help="CPU steal share that raises cpu.steal (default: %(default)s)")
-    s.add_argument("--softirq-napi-devices", type=int,
-                   default=int(_env("softirq-napi-devices", d.softirq_napi_devices)),
-                   help="devices counted by name for NAPI budget exhaustion; more are counted as "
-                        "device \"(overflow)\" (default: %(default)s)")
-    s.add_argument("--softirq-sample", type=int, default=int(_env("softirq-sample", d.softirq_sample)),
-                   help="time one softirq run in N per CPU and vector (a power of two; 1 = every run; "
-                        "runs are always counted) (default: %(default)s)")
+    _opt(s, "softirq-squeeze-rate", float, d.softirq_squeeze_rate,
+         help="time squeezes per second that raise softnet.time_squeeze (default: %(default)s)")
+    _opt(s, "softirq-steal-percent", float, d.softirq_steal_percent,
+         help="CPU steal share that raises cpu.steal (default: %(default)s)")
+    _opt(s, "softirq-napi-devices", int, d.softirq_napi_devices,
+         help="devices counted by name for NAPI budget exhaustion; more are counted as "
+              "device \"(overflow)\" (default: %(default)s)")
+    _opt(s, "softirq-sample", int, d.softirq_sample,
+         help="time one softirq run in N per CPU and vector (a power of two; 1 = every run; "
+              "runs are always counted) (default: %(default)s)")
     _dns_flags(common, d)
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
@@ -189,15 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "/diagnose and /probes; prefer DPWATCH_DIAGNOSE_TOKEN or --diagnose-token-file")
     h.add_argument("--diagnose-token-file", default=_env("diagnose-token-file", ""),
                    help="read the /diagnose token from this file")
-    h.add_argument("--max-concurrent-requests", type=int,
-                   default=int(_env("max-concurrent-requests", d.max_concurrent_requests)),
-                   help="requests served at once; more get 503 (default: %(default)s)")
-    h.add_argument("--max-series-per-metric", type=int,
-                   default=int(_env("max-series-per-metric", d.max_series_per_metric)),
-                   help="series per metric; more fold into label value \"other\" and count in "
-                        "dpwatch_series_overflow_total (default: %(default)s)")
-    run.add_argument("--synthetic-series", type=int, default=int(_env("synthetic-series", 0)),
-                     help=argparse.SUPPRESS)  # benchmark: N extra series to load the collector
+    _opt(h, "max-concurrent-requests", int, d.max_concurrent_requests,
+         help="requests served at once; more get 503 (default: %(default)s)")
+    _opt(h, "max-series-per-metric", int, d.max_series_per_metric,
+         help="series per metric; more fold into label value \"other\" and count in "
+              "dpwatch_series_overflow_total (default: %(default)s)")
+    _opt(run, "synthetic-series", int, 0, help=argparse.SUPPRESS)  # benchmark: N extra series to load the collector
 
     sub.add_parser("check", parents=[common], help="preflight: which probes load here, and why not",
                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -227,32 +229,28 @@ def _dns_flags(common: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--dns-names", default=_env("dns-names", d.dns_names),
                    help="how names appear in /diagnose: full, suffix (last two labels), hashed "
                         "(keyed hash) or off (no names kept at all) (default: %(default)s)")
-    g.add_argument("--dns-top-servers", type=int, default=_env("dns-top-servers", str(d.dns_top_servers)),
-                   help="DNS servers that get their own `server` label; the rest are \"other\" "
-                        "(default: %(default)s)")
+    _opt(g, "dns-top-servers", int, d.dns_top_servers,
+         help="DNS servers that get their own `server` label; the rest are \"other\" "
+              "(default: %(default)s)")
     g.add_argument("--dns-hook", default=_env("dns-hook", d.dns_hook),
                    help="auto (tcx links on kernels 6.6+, else the AF_PACKET socket filter), tcx, "
                         "socket, or tc (legacy clsact filters: cheaper than socket before 6.6, but a "
                         "kill -9 leaves them attached until the next start) (default: %(default)s)")
-    g.add_argument("--dns-pending-entries", type=int,
-                   default=_env("dns-pending-entries", str(d.dns_pending_entries)),
-                   help="in-kernel LRU of outstanding queries (default: %(default)s)")
-    g.add_argument("--dns-names-entries", type=int, default=_env("dns-names-entries", str(d.dns_names_entries)),
-                   help="in-kernel LRU of recent names (default: %(default)s)")
+    _opt(g, "dns-pending-entries", int, d.dns_pending_entries,
+         help="in-kernel LRU of outstanding queries (default: %(default)s)")
+    _opt(g, "dns-names-entries", int, d.dns_names_entries,
+         help="in-kernel LRU of recent names (default: %(default)s)")
     g.add_argument("--dns-latency-p99", default=_env("dns-latency-p99", "200ms"),
                    help="p99 latency that raises dns.latency_high (default: %(default)s)")
-    g.add_argument("--dns-timeout-percent", type=float,
-                   default=_env("dns-timeout-percent", str(d.dns_timeout_percent)),
-                   help="timeouts, in %% of queries, that raise dns.timeouts (default: %(default)s)")
-    g.add_argument("--dns-error-percent", type=float, default=_env("dns-error-percent", str(d.dns_error_percent)),
-                   help="SERVFAIL and REFUSED, in %% of responses, that raise dns.errors (default: %(default)s)")
-    g.add_argument("--dns-nxdomain-percent", type=float,
-                   default=_env("dns-nxdomain-percent", str(d.dns_nxdomain_percent)),
-                   help="NXDOMAIN, in %% of responses, that raise dns.nxdomain_rate (default: %(default)s)")
-    g.add_argument("--dns-search-nxdomain-min", type=int,
-                   default=_env("dns-search-nxdomain-min", str(d.dns_search_nxdomain_min)),
-                   help="NXDOMAIN answers for one name across search suffixes in a window that raise "
-                        "dns.search_path_amplification (default: %(default)s)")
+    _opt(g, "dns-timeout-percent", float, d.dns_timeout_percent,
+         help="timeouts, in %% of queries, that raise dns.timeouts (default: %(default)s)")
+    _opt(g, "dns-error-percent", float, d.dns_error_percent,
+         help="SERVFAIL and REFUSED, in %% of responses, that raise dns.errors (default: %(default)s)")
+    _opt(g, "dns-nxdomain-percent", float, d.dns_nxdomain_percent,
+         help="NXDOMAIN, in %% of responses, that raise dns.nxdomain_rate (default: %(default)s)")
+    _opt(g, "dns-search-nxdomain-min", int, d.dns_search_nxdomain_min,
+         help="NXDOMAIN answers for one name across search suffixes in a window that raise "
+              "dns.search_path_amplification (default: %(default)s)")
     g.add_argument("--dns-cluster-domain", default=_env("dns-cluster-domain", d.dns_cluster_domain),
                    help="the cluster's DNS domain, for search-path detection (default: %(default)s)")
     g.add_argument("--dns-resolv-conf", default=_env("dns-resolv-conf", d.dns_resolv_conf),
