@@ -104,6 +104,16 @@ def _readable(path: str, where: str, value) -> str:
     return full
 
 
+def _check_keys(path: str, value, what: str, prefix: str, allowed) -> None:
+    """``value`` must be a mapping with only ``allowed`` keys; else ConfigError naming them."""
+    if not isinstance(value, dict):
+        raise _fail(path, f"{what} must be a mapping")
+    unknown = [str(k) for k in value if k not in allowed]
+    if unknown:
+        raise _fail(path, f"{prefix}unknown or unsupported key(s) {', '.join(unknown)}; "
+                          f"supported: {', '.join(allowed)}")
+
+
 def load_web_config(path: str) -> WebConfig:
     """Parse and check a web config file; every problem raises ConfigError naming it."""
     import yaml
@@ -120,22 +130,12 @@ def load_web_config(path: str) -> WebConfig:
         raise _fail(path, f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if data is None:
         data = {}
-    if not isinstance(data, dict):
-        raise _fail(path, "the top level must be a mapping")
-    unknown = [str(k) for k in data if k not in _TOP_KEYS]
-    if unknown:
-        raise _fail(path, f"unknown or unsupported key(s) {', '.join(unknown)}; "
-                          f"supported: {', '.join(_TOP_KEYS)}")
+    _check_keys(path, data, "the top level", "", _TOP_KEYS)
     cfg = WebConfig(path=path)
 
     tls = data.get("tls_server_config")
     if tls is not None:
-        if not isinstance(tls, dict):
-            raise _fail(path, "tls_server_config must be a mapping")
-        unknown = [str(k) for k in tls if k not in _TLS_KEYS]
-        if unknown:
-            raise _fail(path, f"tls_server_config: unsupported key(s) {', '.join(unknown)}; "
-                              f"supported: {', '.join(_TLS_KEYS)}")
+        _check_keys(path, tls, "tls_server_config", "tls_server_config: ", _TLS_KEYS)
         for key in ("cert_file", "key_file"):
             if not tls.get(key):
                 raise _fail(path, f"tls_server_config.{key} is required")
