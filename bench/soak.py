@@ -134,7 +134,7 @@ def tm_growth(first: str, last: str, top: int = 25) -> list[dict]:
         out.append({"size_diff_kb": round(st.size_diff / 1024, 1), "size_kb": round(st.size / 1024, 1),
                     "count_diff": st.count_diff,
                     "where": [f"{f.filename.split('/site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno}"
-                              for f in st.traceback][:8]})
+                              for f in st.traceback][-6:]})  # innermost: where it was allocated
     total_a = sum(t.size for t in a.traces)
     total_b = sum(t.size for t in b.traces)
     out.insert(0, {"traced_first_kb": round(total_a / 1024, 1), "traced_last_kb": round(total_b / 1024, 1)})
