@@ -32,8 +32,11 @@ def sh(*cmd: str, check: bool = True, ns: str | None = None, **kw) -> subprocess
     return res
 
 
-def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
-    """Run fn in a thread that has joined netns ``ns``; sockets it creates stay in that netns."""
+def in_netns(ns: str | None, fn: Callable[[], Any]) -> Any:
+    """Run fn in a thread that has joined netns ``ns``; sockets it creates stay in that netns.
+    ``ns`` None: here, in the caller's own netns."""
+    if ns is None:
+        return fn()
     return netns.run_in(f"/run/netns/{ns}", fn)
 
 
@@ -41,7 +44,7 @@ def socket_in(ns: str, family: int, kind: int) -> socket.socket:
     return in_netns(ns, lambda: socket.socket(family, kind))
 
 
-def http_get(ns: str, host: str, port: int, path: str, headers: dict | None = None,
+def http_get(ns: str | None, host: str, port: int, path: str, headers: dict | None = None,
              timeout: float = 30) -> tuple[int, dict[str, str], str]:
     def go():
         conn = http.client.HTTPConnection(host, port, timeout=timeout)

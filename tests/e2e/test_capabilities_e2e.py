@@ -16,12 +16,12 @@ import json
 import os
 import re
 import subprocess
-import time
 
 import pytest
 import yaml
 
-from netlab import Lab, http_get
+from netlab import Lab
+from test_daemon_e2e import DaemonProc, start_diagnose
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FALLBACK_CAPS = ["BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_RESOURCE", "SYSLOG"]
@@ -133,43 +133,26 @@ def test_paranoid_3_is_named_in_the_failure(net, dpwatch_bin):
 def test_every_probe_attaches_with_only_the_daemonset_capabilities(net, dpwatch_bin, full_root,
                                                                    paranoid_at_most_2):
     keep = daemonset_caps() + [c for c in PROVEN_EXTRA if c not in daemonset_caps()]
-    port = 9451
-    log = open(f"/tmp/dpwatch-caps-{net.node}.log", "w+")
-    proc = subprocess.Popen(["ip", "netns", "exec", net.node,
-                             *capsh_argv(keep, dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}")],
-                            stdout=log, stderr=subprocess.STDOUT)
+    d = DaemonProc(dpwatch_bin, net.node, 9451, wrap=lambda cmd: capsh_argv(keep, *cmd))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"daemon exited {proc.returncode}"
-            try:
-                if http_get(net.node, "127.0.0.1", port, "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.25)
+        d.wait_ready()
         # The daemon really runs with exactly these capabilities.
-        with open(f"/proc/{proc.pid}/status") as fh:
+        with open(f"/proc/{d.pid}/status") as fh:
             eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", fh.read(), re.M).group(1), 16)
         # (This machine's own bounding set may lack one: e.g. a sandbox without SYS_RESOURCE.)
         have = set(all_caps())
         want = sum(1 << CAP_BITS[c] for c in keep if f"cap_{c.lower()}" in have)
         assert eff == want, (hex(eff), hex(want))
-        probes = {p["name"]: p for p in json.loads(http_get(net.node, "127.0.0.1", port, "/probes")[2])["probes"]}
+        probes = {p["name"]: p for p in json.loads(d.get("/probes")[2])["probes"]}
         for name, (mode, state, _reason) in full_root.items():
             assert (probes[name]["mode"] or "-", probes[name]["state"]) == (mode, state), (name, probes[name])
         assert all(p["state"] in ("attached", "degraded", "disabled") for p in probes.values()
                    if full_root[p["name"]][1] in ("attached", "degraded")), probes
-        text = http_get(net.node, "127.0.0.1", port, "/metrics")[2]
+        text = d.get("/metrics")[2]
         assert 'dpwatch_probe_up{mode="tracepoint",probe="drops"} 1.0' in text
     finally:
-        proc.terminate()
-        rc = proc.wait(20)
-        log.seek(0)
-        out = log.read()
-        log.close()
-    assert rc == 0, out[-2000:]
+        rc = d.stop(20)
+    assert rc == 0, d.output()[-2000:]
 
 
 # What dropping each capability costs here; each must change something, or the test names
@@ -190,17 +173,9 @@ def test_each_capability_is_needed(net, dpwatch_bin, full_root, cap, paranoid_at
 def _locations(ns: str, pod, dpwatch_bin: str, keep: list[str]) -> list[str]:
     """`dpwatch diagnose` under capsh while a pod sends to a closed port: the drop locations."""
     from netlab import closed_udp_port, udp_send
-    proc = subprocess.Popen(["ip", "netns", "exec", ns,
-                             *capsh_argv(keep, dpwatch_bin, "diagnose", "--window", "3s", "--format", "json",
-                                         "--probes", "drops", "--drops-rate-warning", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "watching for" in line:
-            break
-    else:
-        raise AssertionError("diagnose never started:\n" + "".join(seen))
+    proc = start_diagnose(["ip", "netns", "exec", ns,
+                           *capsh_argv(keep, dpwatch_bin, "diagnose", "--window", "3s", "--format", "json",
+                                       "--probes", "drops", "--drops-rate-warning", "1")])
     udp_send(pod.ns, pod.node_ip4, closed_udp_port(ns), 200)
     out, _ = proc.communicate(timeout=120)
     report = json.loads(out)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from typing import Callable
 
 import pytest
 
@@ -19,13 +20,22 @@ PORT = 9400
 
 
 class DaemonProc:
-    def __init__(self, dpwatch_bin: str, ns: str, port: int = PORT, *extra: str):
+    """`dpwatch run` in netns ``ns`` (None: the test's own netns) on 127.0.0.1:``port``, with a
+    1 s snapshot interval and ``extra`` flags. ``wrap`` rewrites the command before it runs
+    (e.g. under capsh). stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, dpwatch_bin: str, ns: str | None, port: int = PORT, *extra: str,
+                 wrap: Callable[[list[str]], list[str]] | None = None):
         self.ns, self.port = ns, port
-        self.log = open(f"/tmp/dpwatch-e2e-{ns}-{port}.log", "w+")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}",
-             "--snapshot-interval", "1s", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(f"/tmp/dpwatch-e2e-{ns or 'host'}-{port}.log", "w+")
+        cmd = [dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}", "--snapshot-interval", "1s", *extra]
+        cmd = wrap(cmd) if wrap else cmd
+        self.proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def get(self, path: str, headers: dict | None = None):
         return http_get(self.ns, "127.0.0.1", self.port, path, headers)
@@ -44,9 +54,11 @@ class DaemonProc:
         raise AssertionError(f"daemon not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        """Everything the daemon wrote so far (also after stop())."""
+        if not self.log.closed:
+            self.log.flush()
+        with open(self.log.name, errors="replace") as fh:
+            return fh.read()
 
     def stop(self, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -58,6 +70,19 @@ class DaemonProc:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def start_diagnose(argv: list[str]) -> subprocess.Popen:
+    """Start a `dpwatch diagnose` command line and return once its probes are loaded and the
+    watch has begun (compile time varies a lot: ~1.5 s here, ~35 s in an emulated guest
+    kernel). Its stdout (the report) and the rest of stderr are left to communicate()."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "watching for" in line:
+            return proc
+    raise AssertionError("diagnose never started watching:\n" + "".join(seen))
 
 
 # Loopback is not tracked, so the test's own HTTP to the daemon still works while the table
@@ -233,19 +258,8 @@ def test_cli_check_and_diagnose(net, dpwatch_bin):
     assert res.returncode == 0, res.stderr
     assert re.search(r"^drops\s+tracepoint\s+attached\s+yes", res.stdout, re.M), res.stdout
 
-    proc = subprocess.Popen(["ip", "netns", "exec", net.node, dpwatch_bin, "diagnose", "--window", "4s",
-                             "--format", "json", "--drops-rate-warning", "10",
-                             "--log-level", "info"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Wait until the probes are loaded and the watch has begun (compile time varies a lot:
-    # ~1.5 s here, ~35 s in an emulated guest kernel).
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "watching for" in line:
-            break
-    else:
-        raise AssertionError("diagnose never started watching:\n" + "".join(seen))
+    proc = start_diagnose(["ip", "netns", "exec", net.node, dpwatch_bin, "diagnose", "--window", "4s",
+                           "--format", "json", "--drops-rate-warning", "10", "--log-level", "info"])
     port = closed_udp_port(net.node, socket.AF_INET6)
     udp_send(net.pod.ns, net.pod.node_ip6, port, 400, family=socket.AF_INET6)
     out, err = proc.communicate(timeout=120)

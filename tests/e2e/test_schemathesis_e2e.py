@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 import urllib.request
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+
+from test_daemon_e2e import DaemonProc
 
 # HTTP behaviour only: not rerun in the 6.1 guest (make test-kernels), where it is slow under emulation.
 pytestmark = pytest.mark.host_only
@@ -35,23 +36,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def daemon_url(dpwatch_bin, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("st") / "daemon.log", "w+")
-    proc = subprocess.Popen([dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}", "--snapshot-interval", "1s",
-                             "--drops-rate-warning", "0.1"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+def daemon_url(dpwatch_bin):
+    d = DaemonProc(dpwatch_bin, None, _free_port(), "--drops-rate-warning", "0.1")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"daemon exited {proc.returncode}"
-            try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "daemon not ready"
-            time.sleep(0.25)
+        d.wait_ready()
         # Some drops (NO_SOCKET on loopback), so /diagnose has findings with evidence.
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         closed = _free_port()
@@ -62,13 +50,10 @@ def daemon_url(dpwatch_bin, tmp_path_factory):
                 pass
         s.close()
         time.sleep(1.5)
-        yield url
+        yield f"http://127.0.0.1:{d.port}"
     finally:
-        proc.terminate()
-        rc = proc.wait(20)
-        log.seek(0)
-        out = log.read()
-        log.close()
+        rc = d.stop(20)
+        out = d.output()
         assert rc == 0, out[-3000:]
         assert "Traceback" not in out, out[-3000:]
 
