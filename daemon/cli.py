@@ -538,11 +538,15 @@ def cmd_run(cfg) -> int:
     gc.freeze()
     tls = web.tls if web is not None else None
 
+    live: dict = {}
+
     class _Config(uvicorn.Config):
         def load(self) -> None:
             super().load()
             if tls is not None:  # our context: min/max version and client certificates
+                from .httpsec import CertWatcher
                 self.ssl = tls.context()
+                live["watcher"] = CertWatcher(tls, self.ssl)  # files as they were when loaded
 
     # proxy_headers off: the peer address (the loopback check) is never taken from a header.
     server = _Server(_Config(app, host=host, port=port, log_level="warning", access_log=False,
@@ -554,6 +558,9 @@ def cmd_run(cfg) -> int:
     strict = {"rc": 0, "stop": threading.Event()}
     if cfg.strict:
         threading.Thread(target=strict_watch, args=(daemon, server, strict), name="dpwatch-strict",
+                         daemon=True).start()
+    if tls is not None:
+        threading.Thread(target=tls_watch, args=(tls, live, strict["stop"]), name="dpwatch-tls",
                          daemon=True).start()
     try:
         server.run()  # handles SIGTERM and SIGINT: stops accepting, finishes requests
@@ -567,6 +574,20 @@ def cmd_run(cfg) -> int:
         log.error("could not serve HTTP on %s (see the error above)", cfg.listen)
         return EX_SERVE
     return strict["rc"]
+
+
+TLS_RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
+
+
+def tls_watch(tls, live: dict, stop: threading.Event) -> None:
+    """Reload the served certificate when its files change (httpsec.CertWatcher)."""
+    while not stop.wait(TLS_RELOAD_INTERVAL):
+        watcher = live.get("watcher")  # None until uvicorn has built the context
+        what = watcher.check() if watcher is not None else None
+        if what == "reloaded":
+            log.info("TLS: %s changed; serving the new certificate", tls.cert_file)
+        elif what:
+            log.error("TLS: %s or %s changed but does not load; %s", tls.cert_file, tls.key_file, what)
 
 
 def strict_watch(daemon, server, box: dict) -> None:

@@ -81,6 +81,49 @@ class TLSConfig:
         return ctx
 
 
+class CertWatcher:
+    """Serve a rotated certificate without a restart, as exporter-toolkit does (it reads the
+    files on every handshake). check() re-reads the certificate and key, and the client CA
+    file, when any of them changed (inode, mtime or size: a rewritten file, or a Kubernetes
+    secret volume swapping its ..data symlink) and loads them into the live context, so the
+    next handshake uses them. The new pair is first loaded into a scratch context: one that
+    does not load (half-written, a key that does not match) is refused and the old pair stays.
+    A client CA is added to the trusted ones; a removed CA stays trusted until a restart."""
+
+    def __init__(self, tls: TLSConfig, ctx: ssl.SSLContext):
+        self.tls, self.ctx = tls, ctx
+        self.stamp = self._stamp()
+        self.reloads = 0
+        self.errors = 0
+
+    def _stamp(self) -> tuple:
+        out = []
+        for path in (self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file):
+            try:
+                st = os.stat(path) if path else None
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size) if st else None)
+            except OSError:
+                out.append("missing")
+        return tuple(out)
+
+    def check(self) -> str | None:
+        """None when nothing changed; else "reloaded" or why the new files were refused."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return None
+        self.stamp = stamp  # a refused pair is retried only when the files change again
+        try:
+            self.tls.context()  # the scratch load: raises without touching the live context
+            self.ctx.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+            if self.tls.client_ca_file:
+                self.ctx.load_verify_locations(cafile=self.tls.client_ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.errors += 1
+            return f"kept the previous certificate: {exc}"
+        self.reloads += 1
+        return "reloaded"
+
+
 @dataclass
 class WebConfig:
     path: str = ""

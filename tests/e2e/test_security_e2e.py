@@ -146,6 +146,60 @@ def test_tls_and_basic_auth_with_curl_and_httpx(net, pki, dpwatch_bin):
         assert d.stop() == 0
 
 
+def test_rotated_certificate_is_served_without_a_restart(net, pki, dpwatch_bin, tmp_path):
+    """cert-manager style rotation: new files renamed over the served ones. The running daemon
+    serves the new certificate within its 5 s check; a new certificate with a key that does not
+    match is refused (the previous one stays, an error is logged) and the daemon keeps serving."""
+    ca = pki["ca"]
+    first, second, third = (ca.issue(f"rot{i}", "localhost") for i in range(3))
+    live_crt, live_key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(crt: str, key: str) -> None:
+        for src, dst in ((crt, live_crt), (key, live_key)):
+            new = dst.with_suffix(".new")
+            new.write_bytes(open(src, "rb").read())
+            os.replace(new, dst)
+
+    def served() -> bytes:
+        def go():
+            ctx = ssl.create_default_context(cafile=ca.ca_file)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                    return s.getpeercert(binary_form=True)
+        return in_netns(net.node, go)
+
+    def der(cert_file: str) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(open(cert_file).read())
+
+    def wait_for(cert_file: str) -> float:
+        t0 = time.monotonic()
+        while served() != der(cert_file):
+            assert time.monotonic() - t0 < 30, "the rotated certificate is not served"
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    install(*first)
+    cfg = web_config(pki, f"tls_server_config:\n  cert_file: {live_crt}\n  key_file: {live_key}\n")
+    port = 9415
+    d = TLSDaemon(dpwatch_bin, net.node, port, ca.ca_file, "--probes", "drops", "--web-config-file", cfg)
+    try:
+        d.wait_ready()
+        assert served() == der(first[0])
+        install(*second)
+        wait_for(second[0])
+        install(third[0], second[1])  # a certificate whose key is not there yet
+        deadline = time.monotonic() + 30
+        while "does not load" not in d.output():
+            assert time.monotonic() < deadline, d.output()[-2000:]
+            time.sleep(0.5)
+        assert served() == der(second[0])
+        assert d.get("/metrics")[0] == 200
+        install(*third)  # the key arrives
+        wait_for(third[0])
+    finally:
+        assert d.stop() == 0
+
+
 def test_client_certificates_required(net, pki, dpwatch_bin):
     cert, key = pki["server"]
     cfg = web_config(pki, f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"

@@ -313,3 +313,67 @@ def test_no_shell_anywhere_in_the_daemon():
                     (k.value for k in node.keywords if k.arg == "mode"), None)
                 assert mode is None or (isinstance(mode, ast.Constant) and set(mode.value) <= set("rbt")), \
                     f"{name}:{node.lineno} opens a file for writing"
+
+
+# -- certificate rotation ------------------------------------------------------------------------
+
+def _served_cert(ctx, ca_file: str) -> bytes:
+    """One real TLS handshake over a socketpair against ``ctx``: the server's certificate (DER)."""
+    import socket
+    import ssl
+    import threading
+    a, b = socket.socketpair()
+    err: list = []
+
+    def serve():
+        try:
+            with ctx.wrap_socket(a, server_side=True) as s:
+                s.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            err.append(exc)
+    t = threading.Thread(target=serve)
+    t.start()
+    client = ssl.create_default_context(cafile=ca_file)
+    with client.wrap_socket(b, server_hostname="localhost") as c:
+        der = c.getpeercert(binary_form=True)
+        c.sendall(b"x")
+    t.join(10)
+    assert not err, err
+    return der
+
+
+def _der(cert_file: str) -> bytes:
+    import ssl
+    return ssl.PEM_cert_to_DER_cert(pathlib.Path(cert_file).read_text())
+
+
+def test_rotated_certificate_is_served_and_a_bad_pair_is_refused(tmp_path):
+    from dpwatch.daemon.httpsec import CertWatcher, TLSConfig
+    ca = TestCA(str(tmp_path))
+    first, second, third = ca.issue("a", "localhost"), ca.issue("b", "localhost"), ca.issue("c", "localhost")
+    live_crt, live_key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def install(crt: str, key: str) -> None:  # as a secret update does: new files renamed in
+        for src, dst in ((crt, live_crt), (key, live_key)):
+            tmp = dst.with_suffix(".new")
+            tmp.write_bytes(pathlib.Path(src).read_bytes())
+            os.replace(tmp, dst)
+
+    install(*first)
+    tls = TLSConfig(cert_file=str(live_crt), key_file=str(live_key))
+    ctx = tls.context()
+    w = CertWatcher(tls, ctx)
+    assert w.check() is None and _served_cert(ctx, ca.ca_file) == _der(first[0])
+    install(*second)
+    assert w.check() == "reloaded" and w.reloads == 1
+    assert _served_cert(ctx, ca.ca_file) == _der(second[0])
+    assert w.check() is None  # nothing changed since
+    install(third[0], second[1])  # the new certificate with the old key: does not match
+    what = w.check()
+    assert what.startswith("kept the previous certificate") and w.errors == 1, what
+    assert _served_cert(ctx, ca.ca_file) == _der(second[0])
+    live_key.unlink()  # half-way through a rotation: one file missing
+    assert w.check().startswith("kept the previous certificate") and w.errors == 2
+    assert _served_cert(ctx, ca.ca_file) == _der(second[0])
+    install(*third)  # the rotation completes
+    assert w.check() == "reloaded" and _served_cert(ctx, ca.ca_file) == _der(third[0])
