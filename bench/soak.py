@@ -142,6 +142,41 @@ def tm_growth(first: str, last: str, top: int = 25) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------
+# The summary
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y)."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
+
+
+def summarize(samples: list[dict]) -> dict:
+    """RSS at start, when the 5-minute ring is full, at 10 minutes and at the end; the drift
+    from each to the end; and the least-squares slope (kB/min) over the second half of the run,
+    the number that says whether memory is still growing."""
+    def at(seconds: float) -> dict:
+        return next((s for s in samples if s["t"] >= seconds), samples[-1])
+    first, ring_full, ten, last = samples[0], at(300), at(600), samples[-1]
+    half = [s for s in samples if s["t"] >= last["t"] / 2]
+    return {
+        "length_minutes": round(last["t"] / 60, 1),
+        "rss_start_kb": first["rss_kb"], "rss_ring_full_kb": ring_full["rss_kb"],
+        "rss_10min_kb": ten["rss_kb"], "rss_end_kb": last["rss_kb"],
+        "rss_max_kb": max(s["rss_kb"] for s in samples),
+        "drift_after_ring_full_kb": last["rss_kb"] - ring_full["rss_kb"],
+        "drift_after_10min_kb": last["rss_kb"] - ten["rss_kb"],
+        "slope_second_half_kb_per_min": round(_slope([(s["t"] / 60, s["rss_kb"]) for s in half]), 1),
+        "anon_ring_full_kb": ring_full["anon_kb"], "anon_end_kb": last["anon_kb"],
+        "slope_second_half_anon_kb_per_min": round(_slope([(s["t"] / 60, s["anon_kb"]) for s in half]), 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # The parent
 
 def rss(pid: int) -> dict[str, int]:
@@ -162,8 +197,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tm-every", type=float, default=300.0, help="seconds between heap dumps")
     ap.add_argument("--tm-first", type=float, default=360.0,
                     help="seconds to the first heap dump (after the 5-minute ring is full)")
+    ap.add_argument("--summarize", metavar="JSON", help="print the summary of an earlier run's result file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # target address: run the load loop
     a = ap.parse_args(argv)
+    if a.summarize:
+        with open(a.summarize) as f:
+            print(json.dumps(summarize(json.load(f)["samples"]), indent=1))
+        return 0
     if a.worker:
         return worker(a.worker, a.minutes * 60, a.udp_pps, a.dns_qps, a.tcp_cps)
 
@@ -277,17 +317,8 @@ def main(argv=None) -> int:
             for p in reversed(procs):
                 p.stop(timeout=10)
             sink.close()
-    samples = result["samples"]
-    if samples:
-        ring_full = next((s for s in samples if s["t"] >= 300), samples[-1])
-        first, last = samples[0], samples[-1]
-        result["summary"] = {
-            "length_minutes": round(last["t"] / 60, 1),
-            "rss_start_kb": first["rss_kb"], "rss_ring_full_kb": ring_full["rss_kb"],
-            "rss_end_kb": last["rss_kb"], "rss_max_kb": max(s["rss_kb"] for s in samples),
-            "drift_after_ring_full_kb": last["rss_kb"] - ring_full["rss_kb"],
-            "anon_ring_full_kb": ring_full["anon_kb"], "anon_end_kb": last["anon_kb"],
-        }
+    if result["samples"]:
+        result["summary"] = summarize(result["samples"])
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
