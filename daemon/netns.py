@@ -37,6 +37,18 @@ def _same_netns(fd: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def join(path: str) -> None:
+    """Move the calling thread into the netns at ``path`` (nothing to do, and no
+    CAP_SYS_ADMIN needed, when it is already there). Only for threads made for it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def run_in(path: str, fn: Callable[[], Any]) -> Any:
     """Run fn in a new thread that joined the netns at ``path`` (e.g. /run/netns/x or
     /proc/PID/ns/net); return its result or raise its exception."""
@@ -44,13 +56,7 @@ def run_in(path: str, fn: Callable[[], Any]) -> Any:
 
     def runner():
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {path}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            join(path)
             box["value"] = fn()
         except BaseException as exc:  # re-raised in the caller
             box["error"] = exc

@@ -48,6 +48,9 @@ DEDUP_NS = 100_000_000    # bpf DNS_DEDUP_NS: sightings of one packet within 100
 ANSWERED_KEEP_NS = 1_000_000_000  # answered entries are swept after this (well past DEDUP_NS)
 MIN_LATENCY_SAMPLES = 10  # dns.latency_high needs this many responses in the window
 MIN_RATE_RESPONSES = 10   # dns.nxdomain_rate needs this many responses in the window
+NETLINK_ROUTE = 0          # linux/netlink.h
+RTMGRP_LINK = 1            # linux/rtnetlink.h: the link add/change/delete multicast group
+LINK_WATCH_POLL = 0.5      # seconds the link watch blocks before it looks at its stop flag
 NAME_HISTORY_MAX = 20_000  # (interval, name) counts kept for windows (~500 B each, ~10 MiB); oldest dropped first
 
 
@@ -178,6 +181,12 @@ class DnsProbe(Probe):
         self._tc: dict[int, str] = {}  # tc/tcx mode: ifindex -> name of interfaces with our hook
         self._tcx_links: dict[int, list[int]] = {}  # tcx mode: ifindex -> link fds
         self._tcx_netns: int | None = None           # tcx mode: fd of the netns linked in
+        self._tc_fd: int | None = None                # the dns_tc program (tc and tcx modes)
+        self._tcx_lock = threading.Lock()             # scans from the link watch and the sampler
+        self._link_stop: threading.Event | None = None
+        self._link_thread: threading.Thread | None = None
+        self.link_watch = ""                          # "netlink", or why it is not running
+        self.link_events = 0                          # link messages that triggered a rescan
         self._tc_created: set[int] = set()  # ifindexes where dpwatch added the clsact qdisc
         self._tc_errors: dict[str, str] = {}
         self._worker = None
@@ -273,10 +282,70 @@ class DnsProbe(Probe):
             errs = "; ".join(f"{k}: {v}" for k, v in list(self._tc_errors.items())[:3])
             self._close_tcx()
             raise RuntimeError(f"tcx attach failed on every interface ({errs or 'no interfaces'})")
+        self._start_link_watch()
+        self._scan_tcx()  # links that came between the first scan and the watch
+
+    def _start_link_watch(self) -> None:
+        """Link a new interface as soon as the kernel announces it, not at the next sampler
+        pass: a new pod's first DNS queries come in its first second. A thread in the linked
+        netns reads RTM_NEWLINK/DELLINK from a NETLINK_ROUTE socket (group RTMGRP_LINK) and
+        rescans on any message; the scan is of the whole list, so a lost message (ENOBUFS)
+        costs nothing but the wait for the sampler's own rescan, which stays as the backstop."""
+        from ..daemon import netns
+        stop, ready = threading.Event(), threading.Event()
+        path = f"/proc/self/fd/{self._tcx_netns}"
+
+        def watch() -> None:
+            try:
+                netns.join(path)
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     NETLINK_ROUTE)
+                sock.bind((0, RTMGRP_LINK))
+                sock.settimeout(LINK_WATCH_POLL)
+            except OSError as exc:
+                self.link_watch = f"not running ({exc}); new interfaces are linked at the sampler's rescan"
+                ready.set()
+                return
+            self.link_watch = "netlink"
+            ready.set()
+            with sock:
+                while not stop.is_set():
+                    try:
+                        sock.recv(65536)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        pass  # ENOBUFS: messages were lost; the full rescan covers them
+                    if stop.is_set():
+                        break
+                    self.link_events += 1
+                    try:
+                        self._scan_tcx()
+                    except Exception as exc:  # never the thread's end: the next message retries
+                        log.debug("dns tcx link-event rescan: %s", exc)
+
+        self._link_stop = stop
+        self._link_thread = threading.Thread(target=watch, name="dpwatch-dns-links", daemon=True)
+        self._link_thread.start()
+        ready.wait(5)
+
+    def _stop_link_watch(self) -> None:
+        if self._link_stop is not None:
+            self._link_stop.set()
+        if self._link_thread is not None:
+            self._link_thread.join(2 * LINK_WATCH_POLL + 1)
+        self._link_stop, self._link_thread = None, None
 
     def _scan_tcx(self) -> None:
         """Link new interfaces (ingress and egress); close the links of vanished ones. Runs
-        in the daemon's netns (start-up and the sampler thread): ifindexes are per netns."""
+        in the daemon's netns (start-up, the link watch and the sampler thread): ifindexes
+        are per netns."""
+        with self._tcx_lock:
+            self._scan_tcx_locked()
+
+    def _scan_tcx_locked(self) -> None:
+        if self._tc_fd is None:
+            return  # closed while a rescan was on its way
         links = dict(socket.if_nameindex())
         for index in [i for i in self._tcx_links if i not in links]:
             for fd in self._tcx_links.pop(index):
@@ -299,14 +368,18 @@ class DnsProbe(Probe):
             self._tc_errors.pop(ifname, None)
 
     def _close_tcx(self) -> None:
-        for index, fds in self._tcx_links.items():
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._tc.pop(index, None)
-        self._tcx_links.clear()
+        self._stop_link_watch()
+        with self._tcx_lock:
+            for index, fds in self._tcx_links.items():
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                self._tc.pop(index, None)
+            self._tcx_links.clear()
+            if self.mode is not None and self.mode.name == "tcx":
+                self._tc_fd = None  # a rescan still on its way finds nothing to link
         if self._tcx_netns is not None:
             os.close(self._tcx_netns)
             self._tcx_netns = None
@@ -692,6 +765,9 @@ class DnsProbe(Probe):
         if self.mode is not None and self.mode.name in ("tc", "tcx"):
             out["interfaces"] = sorted(self._tc.values())
             out["interface_errors"] = dict(list(self._tc_errors.items())[:16])
+        if self.mode is not None and self.mode.name == "tcx":
+            out["link_watch"] = self.link_watch
+            out["link_events"] = self.link_events
         if self.mode is not None and self.mode.name == "tc":
             out["stale_filters_removed"] = self.stale_filters_removed
         return out

@@ -150,6 +150,8 @@ def test_every_probe_attaches_with_only_the_daemonset_capabilities(net, dpwatch_
                    if full_root[p["name"]][1] in ("attached", "degraded")), probes
         text = d.get("/metrics")[2]
         assert 'dpwatch_probe_up{mode="tracepoint",probe="drops"} 1.0' in text
+        if probes.get("dns", {}).get("mode") == "tcx":  # the link watch needs no more capabilities
+            assert probes["dns"]["info"]["link_watch"] == "netlink", probes["dns"]["info"]
     finally:
         rc = d.stop(20)
     assert rc == 0, d.output()[-2000:]
