@@ -10,7 +10,9 @@ runs in network namespaces this script creates (tests/netlab.py Lab) and removes
   drops), UDP into a never-read socket (SOCKET_RCVBUFF drops), TCP connects to a closed port
   (RSTs), DNS queries for random names (new names every query: the worst case for any
   name-keyed table), all paced;
-- a scraper: /metrics every 1 s, /diagnose?format=json every 5 s, /probes every 10 s.
+- a scraper: /metrics every 1 s, /diagnose?format=json every 5 s, /probes every 10 s;
+- pod churn: a veth pair added in the node netns every --churn seconds and the previous one
+  deleted (the DNS probe's tcx links follow each, from link messages).
 
 RSS (VmRSS, RssAnon) of the daemon is sampled every --sample seconds. The result is a JSON file
 and a markdown summary: RSS at start (first sample after ready), once the ring is full,
@@ -179,6 +181,14 @@ def summarize(samples: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 # The parent
 
+def veth_churn(ns: str, n: int) -> None:
+    """Add veth pair n in ``ns`` and delete pair n-1: a pod coming and one going."""
+    import subprocess
+    subprocess.run(["ip", "-n", ns, "link", "add", f"dpwsk{n}", "type", "veth", "peer", "name", f"dpwsp{n}"],
+                   check=True, capture_output=True)
+    subprocess.run(["ip", "-n", ns, "link", "del", f"dpwsk{n - 1}"], capture_output=True)
+
+
 def rss(pid: int) -> dict[str, int]:
     from lib import proc_status
     return proc_status(pid)
@@ -191,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--udp-pps", type=int, default=2000, help="datagrams/s to each UDP target")
     ap.add_argument("--dns-qps", type=int, default=300)
     ap.add_argument("--tcp-cps", type=int, default=20)
+    ap.add_argument("--churn", type=float, default=10.0, help="seconds between veth adds (0: none)")
     ap.add_argument("--out", default="/tmp/dpwatch-soak.json")
     ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
                     help="run the daemon under tracemalloc and report the growing allocation sites")
@@ -257,6 +268,7 @@ def main(argv=None) -> int:
             n = 0
             errors = 0
             next_dump = t0 + a.tm_first
+            next_churn, churned = t0 + a.churn, 0
             while not stop["now"] and time.monotonic() - t0 < seconds:
                 if not d.alive():
                     raise RuntimeError(f"daemon exited {d.popen.returncode}:\n{d.output()}")
@@ -280,11 +292,18 @@ def main(argv=None) -> int:
                     next_sample += a.sample
                     with open(a.out, "w") as f:  # partial results survive an interruption
                         json.dump(result, f, indent=1)
+                if a.churn and now >= next_churn:
+                    churned += 1
+                    veth_churn(lab.node, churned)
+                    next_churn += a.churn
                 if a.tracemalloc and now >= next_dump:
                     os.kill(d.pid, signal.SIGUSR2)
                     next_dump += a.tm_every
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
-            result["scrapes"], result["scrape_errors"] = n, errors
+            result["scrapes"], result["scrape_errors"], result["veth_churned"] = n, errors, churned
+            result["dns_probe_info"] = {k: v for k, v in next(
+                p for p in json.loads(http_once(lab.node, PORT, "/probes")[1])["probes"]
+                if p["name"] == "dns").get("info", {}).items() if k in ("link_watch", "link_events", "interfaces")}
             if a.tracemalloc:
                 def snaps() -> list[str]:
                     return sorted(f for f in os.listdir(tm_dir) if f.endswith(".snap"))
