@@ -97,7 +97,7 @@ def test_new_and_removed_interfaces_are_followed(env):
         if tcx:
             assert wait_until(lambda: dev in probe.info()["interfaces"]), probe.info()
             assert probe.info()["link_events"] > events
-            index = next(i for i, n in probe._tc.items() if n == dev)
+            index = next(i for i, n in dict(probe._tc).items() if n == dev)  # a copy: the link watch may be adding the peer
             assert len(probe._tcx_links[index]) == 2
         else:
             assert dev not in probe.info()["interfaces"]
