@@ -245,10 +245,5 @@ class Config:
     def enabled_probes(self) -> list[str]:
         return [p for p in self.probes if p not in self.disable]
 
-    @property
-    def ring_size(self) -> int:
-        """Snapshots kept: enough to cover max_window, plus one."""
-        return int(self.max_window / self.snapshot_interval) + 2
-
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -20,7 +20,7 @@ class Daemon:
         self.config = config
         self.features = None
         self.manager: ProbeManager | None = None
-        self.ring = SnapshotRing(config.ring_size)
+        self.ring = SnapshotRing.for_window(config.max_window, config.snapshot_interval)
         self.started_mono = time.monotonic()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None

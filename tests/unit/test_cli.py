@@ -183,7 +183,7 @@ def test_config_from_args_run(monkeypatch):
     assert cfg.snapshot_interval == 0.5
     assert cfg.max_window == 600.0
     assert cfg.strict is True
-    assert cfg.ring_size == 1202
+    assert cfg.max_window / cfg.snapshot_interval == 1200
 
 
 def test_config_from_args_diagnose(monkeypatch):

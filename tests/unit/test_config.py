@@ -170,22 +170,6 @@ def test_validate_accepts_bounds(kwargs):
     Config(**kwargs).validate()
 
 
-# -- ring_size -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("max_window, interval, size", [
-    (3600.0, 5.0, 722),
-    (60.0, 5.0, 14),
-    (10.0, 3.0, 5),
-    (5.0, 5.0, 3),
-    (1.0, 0.2, 7),
-])
-def test_ring_size(max_window, interval, size):
-    cfg = Config(max_window=max_window, snapshot_interval=interval)
-    assert cfg.ring_size == size
-    # The oldest of ring_size snapshots taken every `interval` is at least max_window old.
-    assert (cfg.ring_size - 1) * interval >= max_window
-
-
 def test_as_dict():
     d = Config().as_dict()
     assert d["listen"] == "0.0.0.0:9400"

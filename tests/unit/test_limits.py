@@ -191,9 +191,12 @@ def test_snapshot_ring_never_grows_past_its_size():
 
 
 def test_config_bounds_the_ring_by_max_window():
+    from dpwatch.daemon.service import Daemon
     cfg = Config()
     cfg.snapshot_interval, cfg.max_window = 1.0, 300.0
-    assert cfg.ring_size == 302
+    assert Daemon(cfg).ring.maxlen == 302
+    cfg.snapshot_interval, cfg.max_window = 5.0, 3600.0  # the defaults: tiers, not 722
+    assert Daemon(cfg).ring.maxlen == 119
 
 
 def test_symbol_cache_is_bounded(tmp_path):

@@ -75,3 +75,66 @@ def test_append_defaults_to_now():
     assert before_mono <= snap.mono <= time.monotonic()
     assert before_wall <= snap.wall <= time.time()
     assert ring.oldest() is snap
+
+
+# -- tiers: every snapshot of the last 5 minutes, then one a minute -------------------------------
+
+@pytest.mark.parametrize("max_window, interval, size", [
+    (60.0, 5.0, 14),       # up to 5 minutes: one tier, every snapshot
+    (10.0, 3.0, 5),
+    (300.0, 1.0, 302),
+    (3600.0, 5.0, 62 + 57),   # 1 h at 5 s: 62 recent + 57 a minute apart, not 722
+    (86400.0, 5.0, 62 + 121),  # 24 h: one per 720 s, so never more than ~120 coarse
+])
+def test_for_window_sizes(max_window, interval, size):
+    ring = SnapshotRing.for_window(max_window, interval)
+    assert ring.maxlen == size
+
+
+@pytest.mark.parametrize("max_window, interval", [(3600.0, 5.0), (900.0, 1.0), (7200.0, 10.0), (200.0, 5.0)])
+def test_every_window_up_to_max_is_served_within_half_a_step(max_window, interval):
+    ring = SnapshotRing.for_window(max_window, interval)
+    t = 0.0
+    while t <= 3 * max_window:  # long enough to fill and wrap both tiers
+        ring.append({"t": t}, mono=t)
+        t += interval
+    now = t - interval
+    assert len(ring) <= ring.maxlen
+    assert now - ring.oldest().mono >= max_window  # the longest window is still there
+    step = ring.coarse_step or interval
+    for window in (interval, 60.0, 299.0, 301.0, 1000.0, max_window):
+        if window > max_window:
+            continue
+        got = now - ring.at(now - window).mono
+        tolerance = interval / 2 if window <= 300 - interval else step / 2 + interval
+        assert abs(got - window) <= tolerance, (window, got)
+
+
+def test_coarse_snapshots_are_a_step_apart_and_recent_ones_all_kept():
+    ring = SnapshotRing.for_window(3600.0, 5.0)
+    for i in range(2000):
+        ring.append({}, mono=i * 5.0)
+    monos = [s.mono for s in ring._all()]
+    assert monos == sorted(monos)
+    now = monos[-1]
+    recent = [m for m in monos if m >= now - 300]
+    assert recent == [now - 5.0 * k for k in range(len(recent))][::-1] and len(recent) == 61
+    older = [m for m in monos if m < now - 300]
+    assert all(b - a >= 60.0 for a, b in zip(older, older[1:]))
+    assert len(older) <= 57
+
+
+def test_unchanged_keys_and_values_are_shared_between_snapshots():
+    ring = SnapshotRing(4)
+    def reading(v):  # fresh objects every time, as a probe's collect() makes them
+        return {"p": {"counters": {"g": {(int("7"), "cpu" + str(0)): 10 ** 6 + int(v)}},
+                      "gauges": {"x": {("a",): 5000 + 0}}, "info": {"keep": "as is"}}}
+    a = ring.append(reading("0")).readings
+    b = ring.append(reading("0")).readings
+    c = ring.append(reading("1")).readings
+    ka, kb = next(iter(a["p"]["counters"]["g"])), next(iter(b["p"]["counters"]["g"]))
+    assert ka == kb == (7, "cpu0") and ka is kb
+    assert a["p"]["counters"]["g"][ka] is b["p"]["counters"]["g"][kb]    # same value: shared
+    assert c["p"]["counters"]["g"][ka] == 10 ** 6 + 1                      # changed: its own
+    assert next(iter(c["p"]["counters"]["g"])) is ka
+    assert c["p"]["info"] == {"keep": "as is"} and b == reading("0") and c == reading("1")
