@@ -4,7 +4,8 @@ Not part of CI (it takes --minutes, at least 30 for a result worth committing). 
 runs in network namespaces this script creates (tests/netlab.py Lab) and removes:
 
 - the daemon (`dpwatch run`, every probe that loads) in the node netns, snapshot every 1s and
-  --max-window 5m, so the snapshot ring is full after 5 minutes and must stay flat after that;
+  --max-window (default 5 minutes; longer ones use the ring's coarse tier), so the snapshot
+  ring is full after --max-window and must stay flat after that;
 - dnsmasq in the node netns answering ok.test (A), nx.test (NXDOMAIN) and REFUSED for the rest;
 - a load worker in the pod netns (this file with --worker): UDP to a closed port (NO_SOCKET
   drops), UDP into a never-read socket (SOCKET_RCVBUFF drops), TCP connects to a closed port
@@ -157,18 +158,19 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
 
 
-def summarize(samples: list[dict]) -> dict:
-    """RSS at start, when the 5-minute ring is full, at 10 minutes and at the end; the drift
+def summarize(samples: list[dict], ring_full_s: float = 300.0) -> dict:
+    """RSS at start, when the ring is full (``ring_full_s``), at 10 minutes (or ring full, if
+    later) and at the end; the drift
     from each to the end; and the least-squares slope (kB/min) over the second half of the run,
     the number that says whether memory is still growing."""
     def at(seconds: float) -> dict:
         return next((s for s in samples if s["t"] >= seconds), samples[-1])
-    first, ring_full, ten, last = samples[0], at(300), at(600), samples[-1]
+    first, ring_full, ten, last = samples[0], at(ring_full_s), at(max(600.0, ring_full_s)), samples[-1]
     half = [s for s in samples if s["t"] >= last["t"] / 2]
     return {
         "length_minutes": round(last["t"] / 60, 1),
         "rss_start_kb": first["rss_kb"], "rss_ring_full_kb": ring_full["rss_kb"],
-        "rss_10min_kb": ten["rss_kb"], "rss_end_kb": last["rss_kb"],
+        "ring_full_at_s": ring_full["t"], "rss_10min_kb": ten["rss_kb"], "rss_end_kb": last["rss_kb"],
         "rss_max_kb": max(s["rss_kb"] for s in samples),
         "drift_after_ring_full_kb": last["rss_kb"] - ring_full["rss_kb"],
         "drift_after_10min_kb": last["rss_kb"] - ten["rss_kb"],
@@ -201,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--udp-pps", type=int, default=2000, help="datagrams/s to each UDP target")
     ap.add_argument("--dns-qps", type=int, default=300)
     ap.add_argument("--tcp-cps", type=int, default=20)
+    ap.add_argument("--max-window", type=float, default=300.0,
+                    help="the daemon's --max-window, seconds; the ring is full after it (over 300: tiers)")
     ap.add_argument("--churn", type=float, default=10.0, help="seconds between veth adds (0: none)")
     ap.add_argument("--out", default="/tmp/dpwatch-soak.json")
     ap.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.summarize:
         with open(a.summarize) as f:
-            print(json.dumps(summarize(json.load(f)["samples"]), indent=1))
+            r = json.load(f)
+            print(json.dumps(summarize(r["samples"], r.get("max_window_s", 300.0)), indent=1))
         return 0
     if a.worker:
         return worker(a.worker, a.minutes * 60, a.udp_pps, a.dns_qps, a.tcp_cps)
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("now", True))
     seconds = a.minutes * 60
     result: dict = {"minutes": a.minutes, "udp_pps_per_target": a.udp_pps, "dns_qps": a.dns_qps,
-                    "tcp_cps": a.tcp_cps, "samples": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                    "tcp_cps": a.tcp_cps, "max_window_s": a.max_window, "samples": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     procs: list[Proc] = []
     with Lab(pods=1) as lab:
         node_ip = lab.pod.node_ip4
@@ -250,7 +255,7 @@ def main(argv=None) -> int:
                 tm_env = {"DPW_TM_FRAMES": str(a.tracemalloc), "DPW_TM_DIR": tm_dir}
                 launcher = [os.path.join(REPO, ".venv", "bin", "python"), "-c", TM_WRAPPER]
             d = Proc("dpwatch", launcher + ["run", "--listen", f"127.0.0.1:{PORT}",
-                                 "--snapshot-interval", "1s", "--max-window", "5m",
+                                 "--snapshot-interval", "1s", "--max-window", f"{a.max_window:g}s",
                                  "--mtu-audit-interval", "5s", "--log-level", "warning"], lab.node, tools,
                      env=tm_env)
             procs.append(d)
@@ -337,7 +342,7 @@ def main(argv=None) -> int:
                 p.stop(timeout=10)
             sink.close()
     if result["samples"]:
-        result["summary"] = summarize(result["samples"])
+        result["summary"] = summarize(result["samples"], a.max_window)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
