@@ -202,13 +202,19 @@ def test_net_rx_seconds_rise_on_the_sending_cpu(daemon, lab, cpu):
     assert sent - n <= samples <= runs[(cpu, "NET_RX")] + n
 
 
-def _entries_agree_with_proc(p, lab) -> None:
+def _entries_agree_with_proc(p, lab, skipped: int = 0) -> None:
     """Each map read is bracketed by two reads of /proc/softirqs: p_a, map m0, p_b, traffic,
     p_c, map m1, p_d. Every run the map counted between m0 and m1 happened between p_a and p_d,
     and every run the kernel counted between p_b and p_c happened between m0 and m1, so per CPU
     and vector: (p_c - p_b) <= (m1 - m0) <= (p_d - p_a), within 1 for a run caught between the
     kernel's count and our hook at a read. No allowance for other work on the machine is
-    needed: a missed run breaks the lower bound, a run counted twice the upper one."""
+    needed: a missed run breaks the lower bound, a run counted twice the upper one.
+
+    ``skipped``: runs the kernel may not hand to a classic tracepoint program. trace_call_bpf()
+    skips it while another tracing program runs on the CPU (the per-CPU bpf_prog_active): a
+    softirq run on irq exit, on top of our own softirq_raise program in task context, is not
+    seen. Raw tracepoints guard each program alone, so the default kind is exact. The flood's
+    own NET_RX count is held exact either way."""
     pa = proc_softirqs()
     m0 = p.collect()["counters"]["softirq_entries"]
     pb = proc_softirqs()
@@ -222,7 +228,8 @@ def _entries_agree_with_proc(p, lab) -> None:
     checked = 0
     for key in set(ours) | set(outer):
         low, o, high = inner.get(key, 0), ours.get(key, 0), outer.get(key, 0)
-        assert low - 1 <= o <= high + 1, (key, low, o, high)
+        slack = 1 if key == (CPUS[-1], "NET_RX") else 1 + skipped
+        assert low - slack <= o <= high + 1, (key, low, o, high)
         checked += 1
     assert checked >= 2
 
@@ -239,7 +246,7 @@ def test_tracepoint_kind_agrees_too(lab):
     try:
         st = d.manager.status["softirq"]
         assert (st.state.value, st.mode) == ("attached", "tracepoint"), st.reason
-        _entries_agree_with_proc(probe(d), lab)
+        _entries_agree_with_proc(probe(d), lab, skipped=5)
         p = probe(d)
         before = p.collect()["counters"]
         sent = udp_flood_pinned(lab, 2000, CPUS[0])
