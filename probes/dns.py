@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -314,8 +315,12 @@ class DnsProbe(Probe):
                         sock.recv(65536)
                     except socket.timeout:
                         continue
-                    except OSError:
-                        pass  # ENOBUFS: messages were lost; the full rescan covers them
+                    except OSError as exc:
+                        if exc.errno != errno.ENOBUFS:  # a broken socket: stop, never spin
+                            self.link_watch = (f"stopped ({exc}); new interfaces are linked at "
+                                               "the sampler's rescan")
+                            return
+                        # ENOBUFS: messages were lost; the full rescan below covers them
                     if stop.is_set():
                         break
                     self.link_events += 1
