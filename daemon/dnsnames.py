@@ -9,6 +9,7 @@ to this decoder) import it freely.
 from __future__ import annotations
 
 import hashlib
+import math
 import hmac
 import os
 import struct
@@ -289,6 +290,23 @@ def quantile(buckets: list[float], q: float) -> float | None:
             return lo + (hi - lo) * ((rank - seen) / n)
         seen += n
     return BUCKET_BOUNDS[-1]
+
+
+def count_above(buckets: list[float], seconds: float) -> float:
+    """How many latencies of a log2 histogram exceed ``seconds``: every bucket above it, and
+    the share of the bucket that holds it above it (linear inside the bucket, as quantile()
+    interpolates). The overflow bucket is all above its lower bound."""
+    total = 0.0
+    for i, n in enumerate(buckets):
+        if not n:
+            continue
+        lo = BUCKET_BOUNDS[i - 1] if i else 0.0
+        hi = BUCKET_BOUNDS[i] if i < len(BUCKET_BOUNDS) else math.inf
+        if lo >= seconds:
+            total += n
+        elif hi > seconds:
+            total += n * (hi - seconds) / (hi - lo)
+    return round(total, 6)  # 16 * 56/128 is 7, not 6.999...
 
 
 def bucket_of(seconds: float) -> int:

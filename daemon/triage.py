@@ -33,7 +33,7 @@ import textwrap
 import time
 from typing import Any, Callable
 
-from ..probes.base import SEVERITY_RANK, Finding, Window, counter_delta
+from ..probes.base import SEVERITY_RANK, ContradictionError, Finding, Window, counter_delta
 from .snapshots import SnapshotRing
 
 log = logging.getLogger("dpwatch.triage")
@@ -50,7 +50,8 @@ AUDIT_FOLDS: dict[str, tuple[str, ...]] = {
     "softnet.backlog_drops": ("node.netdev_max_backlog_low",),
 }
 # Symptoms of an MTU mismatch, folded into mtu.mismatch.
-MTU_SYMPTOMS = ("frag.fragmentation_active", "frag.reassembly_failures", "mtu.pmtu_frag_needed")
+MTU_SYMPTOMS = ("frag.fragmentation_active", "frag.fragmentation_failed", "frag.reassembly_failures",
+                "mtu.pmtu_frag_needed")
 SEVERITY_BASE = {"info": 0.0, "warning": 1.0, "critical": 3.0}
 
 
@@ -153,6 +154,22 @@ def correlate(findings: list[Finding]) -> list[Finding]:
             if id(nx) not in drop and total and wasted >= 0.8 * total:
                 _fold(amp, nx)
                 drop.add(id(nx))
+
+    # 2d. Packets too big to forward, answered with frag-needed / packet-too-big: that is path
+    # MTU discovery, one story told by the ICMP side (which knows the announced MTU).
+    pmtu = _take(out, "mtu.pmtu_frag_needed")
+    if pmtu and not _take(out, "mtu.mismatch"):
+        for ff in [f for f in _take(out, "frag.fragmentation_failed") if id(f) not in drop]:
+            failed = int(sum(ff.evidence.get("fragmentation_failed", {}).values()))
+            sent = sum(int(v) for k, v in pmtu[0].evidence.get("frag_needed", {}).items() if k.endswith("_sent"))
+            _fold(pmtu[0], ff, {"frag_needed_sent": sent})
+            pmtu[0].summary += (f" The node dropped {failed} packets it could not forward without "
+                                "fragmenting them; these messages are its answers.")
+            if failed > sent:
+                pmtu[0].summary += (f" {failed - sent} of them got no ICMP answer (ICMP rate limit, "
+                                    "net.ipv4.icmp_ratelimit): their senders only retry.")
+            pmtu[0].impact = max(pmtu[0].impact, ff.impact)
+            drop.add(id(ff))
 
     # 3. Fragmentation next to an MTU mismatch: one root cause.
     mism = _take(out, "mtu.mismatch")
@@ -319,6 +336,8 @@ def build_report(manager, ring: SnapshotRing, window_seconds: float, features) -
         win = Window(span, old.readings.get(name) if old else None, fresh[name])
         try:
             found = probe.diagnose(win)
+        except ContradictionError:  # only raised under the test suite's check: fail loudly
+            raise
         except Exception as exc:  # a probe bug must not take the report down
             log.exception("probe %s diagnose failed", name)
             errors[name] = f"{type(exc).__name__}: {exc}"

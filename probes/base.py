@@ -13,6 +13,7 @@ them and take deltas over any window without knowing what a probe counts.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -59,6 +60,15 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
     remediation: list[str] = field(default_factory=list)
     impact: float = 0.0  # for ranking within a severity: e.g. drops per second
+    # Evidence keys the headline asserts happened ("the node is fragmenting": fragments
+    # created). Each must hold a non-zero count (a number, or numbers in a dict, summed).
+    claims: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if os.environ.get(CHECK_CLAIMS_ENV):
+            wrong = contradictions(self)
+            if wrong:
+                raise ContradictionError(f"{self.id}: {'; '.join(wrong)} (title {self.title!r})")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +76,40 @@ class Finding:
             "summary": self.summary, "evidence": self.evidence, "remediation": self.remediation,
             "impact": round(self.impact, 3),
         }
+
+
+CHECK_CLAIMS_ENV = "DPWATCH_CHECK_CLAIMS"  # set by the test suite: a contradiction is an error
+
+
+class ContradictionError(AssertionError):
+    """A finding's headline claims what its own evidence does not show."""
+
+
+def _count(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        parts = [_count(v) for v in value.values()]
+        return sum(p for p in parts if p is not None)
+    if isinstance(value, (list, tuple)):
+        return float(len(value))
+    return None
+
+
+def contradictions(f: "Finding") -> list[str]:
+    """What is wrong between a finding's headline and its evidence: every claimed key must be
+    present with a non-zero count."""
+    out = []
+    for key in f.claims:
+        if key not in f.evidence:
+            out.append(f"claims {key!r} but the evidence has no such key")
+            continue
+        n = _count(f.evidence[key])
+        if not n:
+            out.append(f"claims {key!r} but its count is {f.evidence[key]!r}")
+    return out
 
 
 # A reading: {"counters": {group: {key_tuple: value}}, "gauges": {...}, "info": {...}}.

@@ -427,6 +427,7 @@ class ConntrackProbe(Probe):
                              f"{window.seconds:.0f}s because no entry could be created. New connections "
                              "fail silently: applications see timeouts."),
                     evidence=ev, remediation=self._remedy(entries, maximum, buckets),
+                    claims=("drops",) if drops else ("fill_percent",),
                     impact=window.rate(drops) or 1.0))
             elif fill is not None and fill >= cfg.conntrack_pressure_percent:
                 findings.append(Finding(
@@ -436,7 +437,7 @@ class ConntrackProbe(Probe):
                              f"At {cfg.conntrack_full_percent:g}% and above, bursts of new connections "
                              "will be dropped."),
                     evidence=ev, remediation=self._remedy(entries, maximum, buckets),
-                    impact=fill / 100.0))
+                    claims=("fill_percent",), impact=fill / 100.0))
             if failed:
                 findings.append(Finding(
                     id="conntrack.insert_failed", probe=self.name, severity="warning",
@@ -445,7 +446,7 @@ class ConntrackProbe(Probe):
                              f"({window.rate(failed):.2f}/s). The usual cause is the UDP race: two packets "
                              "of a new flow (A and AAAA DNS queries sent in parallel from one socket) "
                              "race to create the same entry, and one is dropped: a 5 s DNS timeout."),
-                    evidence=ev,
+                    evidence=ev, claims=("insert_failed",),
                     remediation=[
                         "add 'options single-request-reopen' (glibc) to the pods' resolv.conf, or use "
                         "dnsConfig.options in the pod spec",

@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from ..daemon import dnsnames as dn
 from .base import Finding, Hook, Mode, Probe, Reading, Window
+from .sample import p_value, share_exceeds
 
 log = logging.getLogger("dpwatch.dns")
 
@@ -47,8 +48,6 @@ TC_NAME_PREFIX = "dpwatch_dns_"  # + the owning pid: a stale filter names a dead
 TC_INGRESS, TC_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
 DEDUP_NS = 100_000_000    # bpf DNS_DEDUP_NS: sightings of one packet within 100 ms are one
 ANSWERED_KEEP_NS = 1_000_000_000  # answered entries are swept after this (well past DEDUP_NS)
-MIN_LATENCY_SAMPLES = 10  # dns.latency_high needs this many responses in the window
-MIN_RATE_RESPONSES = 10   # dns.nxdomain_rate needs this many responses in the window
 NETLINK_ROUTE = 0          # linux/netlink.h
 RTMGRP_LINK = 1            # linux/rtnetlink.h: the link add/change/delete multicast group
 LINK_WATCH_POLL = 0.5      # seconds the link watch blocks before it looks at its stop flag
@@ -806,25 +805,30 @@ class DnsProbe(Probe):
                    "latency_p50_ms": q_ms(all_buckets, 0.5), "latency_p90_ms": q_ms(all_buckets, 0.9),
                    "latency_p99_ms": q_ms(all_buckets, 0.99)}
 
-        # latency
+        # latency: enough answers over the threshold that the true p99 cannot be below it
         n_lat = sum(all_buckets)
-        p99 = dn.quantile(all_buckets, 0.99)
-        if n_lat >= MIN_LATENCY_SAMPLES and p99 is not None and p99 >= cfg.dns_latency_p99:
+        slow = dn.count_above(all_buckets, cfg.dns_latency_p99)
+        if share_exceeds(slow, n_lat, 0.01):
             ev = dict(base_ev)
+            ev["answers"] = int(n_lat)
+            ev["answers_over_threshold"] = int(slow)
             ev["threshold_p99_ms"] = round(cfg.dns_latency_p99 * 1000, 2)
+            ev["p_value_if_p99_were_below"] = p_value(slow, n_lat, 0.01)
             ev["by_rcode_p99_ms"] = {rc: q_ms(b, 0.99) for rc, b in sorted(hist.items())}
             ev["by_server"] = per_server
             ev["slowest_names"] = self._top_names(names, None, 5)
-            slow = sum(n for i, n in enumerate(all_buckets)
-                       if i >= dn.bucket_of(cfg.dns_latency_p99))
+            # Critical when the same rule holds at 5x the threshold (a log2 bucket's top would
+            # make 800 ms answers look like a 1 s p99).
+            very = share_exceeds(dn.count_above(all_buckets, 5 * cfg.dns_latency_p99), n_lat, 0.01)
             findings.append(Finding(
                 id="dns.latency_high", probe=self.name,
-                severity="critical" if p99 >= 5 * cfg.dns_latency_p99 else "warning",
+                severity="critical" if very else "warning",
                 title="DNS answers are slow",
-                summary=(f"p99 DNS latency is {ev['latency_p99_ms']} ms over {int(n_lat)} answers "
-                         f"(p50 {ev['latency_p50_ms']} ms, threshold {ev['threshold_p99_ms']} ms). "
+                summary=(f"{int(slow)} of {int(n_lat)} DNS answers took longer than "
+                         f"{ev['threshold_p99_ms']:g} ms (p50 {ev['latency_p50_ms']} ms, p99 "
+                         f"{ev['latency_p99_ms']} ms): too many for the p99 to be under the threshold. "
                          "Every connection that starts with a lookup waits this long."),
-                evidence=ev,
+                evidence=ev, claims=("answers_over_threshold",),
                 remediation=[
                     "find the slow server in by_server and check its CPU and upstream latency: "
                     "kubectl -n kube-system top pod -l k8s-app=kube-dns",
@@ -836,8 +840,8 @@ class DnsProbe(Probe):
                 impact=window.rate(slow)))
 
         if timeouts:
-            tp = pct(timeouts, queries or timeouts)
-            if tp >= cfg.dns_timeout_percent:
+            tp = pct(timeouts, max(queries, timeouts))
+            if share_exceeds(timeouts, max(queries, timeouts), cfg.dns_timeout_percent / 100):
                 ev = dict(base_ev)
                 ev.update({"timeouts": int(timeouts), "timeouts_per_second": round(window.rate(timeouts), 3),
                            "timeout_percent": tp, "timeout_seconds": cfg.dns_timeout,
@@ -847,7 +851,7 @@ class DnsProbe(Probe):
                 findings.append(Finding(
                     id="dns.timeouts", probe=self.name,
                     severity="critical" if tp >= min(100.0, 10 * cfg.dns_timeout_percent) else "warning",
-                    title="DNS queries get no answer",
+                    title="DNS queries get no answer", claims=("timeouts",),
                     summary=(f"{int(timeouts)} DNS queries ({tp}% of {int(queries)}) had no answer "
                              f"within {cfg.dns_timeout:g}s; server {worst} has the most. Clients "
                              "wait a full resolver timeout (glibc: 5 s) before retrying."),
@@ -867,9 +871,10 @@ class DnsProbe(Probe):
         n_err = sum(errors.values())
         if n_err:
             ep = pct(n_err, responses)
-            if ep >= cfg.dns_error_percent:
+            if share_exceeds(n_err, responses, cfg.dns_error_percent / 100):
                 ev = dict(base_ev)
-                ev.update({"servfail": int(errors["SERVFAIL"]), "refused": int(errors["REFUSED"]),
+                ev.update({"errors": int(n_err), "servfail": int(errors["SERVFAIL"]),
+                           "refused": int(errors["REFUSED"]),
                            "error_percent": ep, "errors_per_second": round(window.rate(n_err), 3),
                            "by_server": per_server,
                            "top_names": (self._top_names(names, "SERVFAIL", 5)
@@ -877,7 +882,7 @@ class DnsProbe(Probe):
                 findings.append(Finding(
                     id="dns.errors", probe=self.name,
                     severity="critical" if ep >= min(100.0, 10 * cfg.dns_error_percent) else "warning",
-                    title="DNS servers answer with errors",
+                    title="DNS servers answer with errors", claims=("errors",),
                     summary=(f"{int(n_err)} of {int(responses)} DNS answers ({ep}%) were errors: "
                              f"SERVFAIL {int(errors['SERVFAIL'])}, REFUSED {int(errors['REFUSED'])}."),
                     evidence=ev,
@@ -892,17 +897,18 @@ class DnsProbe(Probe):
                     impact=window.rate(n_err)))
 
         nx = responses_by.get("NXDOMAIN", 0)
-        if responses >= MIN_RATE_RESPONSES and nx and pct(nx, responses) >= cfg.dns_nxdomain_percent:
+        if share_exceeds(nx, responses, cfg.dns_nxdomain_percent / 100):
             ev = dict(base_ev)
             ev.update({"nxdomain": int(nx), "nxdomain_percent": pct(nx, responses),
                        "nxdomain_per_second": round(window.rate(nx), 3),
                        "threshold_percent": cfg.dns_nxdomain_percent,
+                       "p_value_if_share_were_below": p_value(nx, responses, cfg.dns_nxdomain_percent / 100),
                        "top_names": self._top_names(names, "NXDOMAIN", 8)})
             findings.append(Finding(
                 id="dns.nxdomain_rate", probe=self.name, severity="warning",
-                title="Many DNS answers are NXDOMAIN",
-                summary=(f"{ev['nxdomain_percent']}% of DNS answers ({int(nx)}) said the name does "
-                         "not exist. Usually search-list expansion (ndots) or a typo'd service name."),
+                title="Many DNS answers are NXDOMAIN", claims=("nxdomain",),
+                summary=(f"{ev['nxdomain_percent']}% of DNS answers ({int(nx)} of {int(responses)}) said "
+                         "the name does not exist. Usually search-list expansion (ndots) or a typo'd service name."),
                 evidence=ev,
                 remediation=[
                     "look at top_names: names under the cluster search suffixes are search-list "
@@ -930,7 +936,7 @@ class DnsProbe(Probe):
                 top = shown[0]["name"]
                 findings.append(Finding(
                     id="dns.search_path_amplification", probe=self.name, severity="warning",
-                    title="DNS search-path amplification (ndots)",
+                    title="DNS search-path amplification (ndots)", claims=("wasted_queries",),
                     summary=(f"{int(wasted)} NXDOMAIN answers in {window.seconds:.0f}s came from "
                              f"resolvers walking their search list for {len(amp)} name(s) (top: {top}, "
                              f"{amp[0].nxdomain} NXDOMAIN over {len(amp[0].suffixes)} suffixes). With "

@@ -196,7 +196,7 @@ class DropsProbe(Probe):
                          f"full ({ev['drops_per_second']}/s). An application reads too slowly, or its "
                          f"buffer (rmem_default {rmem_default} B, rmem_max {rmem_max} B) is too small "
                          "for its bursts. UDP servers such as CoreDNS and metrics agents are the usual victims."),
-                evidence=ev,
+                evidence=ev, claims=("drops",),
                 remediation=[
                     f"sysctl -w net.core.rmem_max={want_max}",
                     f"sysctl -w net.core.rmem_default={want_default}",
@@ -218,7 +218,7 @@ class DropsProbe(Probe):
                 summary=(f"{ev['drops']} connection attempts were dropped because a listener's accept "
                          f"queue was full ({ev['drops_per_second']}/s). The application accepts too "
                          f"slowly or its backlog is capped by net.core.somaxconn={somaxconn}."),
-                evidence=ev,
+                evidence=ev, claims=("drops",),
                 remediation=[
                     f"sysctl -w net.core.somaxconn={want}",
                     f"sysctl -w net.ipv4.tcp_max_syn_backlog={max(want, syn_backlog or 0)}",
@@ -234,7 +234,7 @@ class DropsProbe(Probe):
                 title="Netfilter drops packets",
                 summary=(f"{ev['drops']} packets were dropped by netfilter ({ev['drops_per_second']}/s): "
                          "a firewall or network-policy rule, or conntrack refusing new entries."),
-                evidence=ev,
+                evidence=ev, claims=("drops",),
                 remediation=[
                     "nft list ruleset -a | grep -nE 'drop|reject'   # rules that drop, with handles",
                     "iptables-save -c | grep -E '(DROP|REJECT)' | sort -t[ -k2 -rn | head   # busiest legacy rules",
@@ -262,6 +262,7 @@ class DropsProbe(Probe):
                           "top_reasons": [{"reason": r, "drops": int(n),
                                            "drops_per_second": round(window.rate(n), 3)} for r, n in top],
                           "top_locations": self._top_locations(window, None)},
+                claims=("drops",),
                 remediation=[
                     f"look up the top reason {top[0][0]} in the kernel's enum skb_drop_reason "
                     "(include/net/dropreason-core.h) and its top location above",

@@ -46,7 +46,7 @@ class FragProbe(Probe):
     name = "frag"
     bpf_source = None
     description = "IP fragments created, fragmentation failures, reassembly failures and timeouts"
-    finding_ids = ('frag.fragmentation_active', 'frag.reassembly_failures')
+    finding_ids = ('frag.fragmentation_active', 'frag.fragmentation_failed', 'frag.reassembly_failures')
     modes = (
         Mode("snmp", (Hook("procfs", "/proc/net/snmp"),),
              "kernel snmp counters of the daemon's netns, plus frag drop reasons from the drops probe",
@@ -108,27 +108,51 @@ class FragProbe(Probe):
         created = {f: int(d.get(("frag_creates", f), 0)) for f in ("ipv4", "ipv6")}
         failed = {f: int(d.get(("frag_fails", f), 0)) for f in ("ipv4", "ipv6")}
         rate = window.rate(sum(created.values()))
-        if rate >= cfg.frag_rate_warning or sum(failed.values()):
+        common = {"pkt_too_big_drops": drops.get("PKT_TOO_BIG", 0), "window_seconds": round(window.seconds, 1)}
+        if sum(created.values()) and rate >= cfg.frag_rate_warning:
             findings.append(Finding(
                 id="frag.fragmentation_active", probe=self.name, severity="warning",
                 title="The node is fragmenting packets",
                 summary=(f"This node created {sum(created.values())} IP fragments in "
-                         f"{window.seconds:.0f}s ({rate:.1f}/s) and failed to fragment "
-                         f"{sum(failed.values())} packets. Fragmentation means a path MTU is smaller "
-                         "than what senders use: typically an overlay (VXLAN/Geneve/IPIP/WireGuard) "
-                         "whose overhead was not taken off the pod MTU. Fragments cost CPU, break "
-                         "through NAT/conntrack and firewalls, and any lost fragment loses the packet."),
+                         f"{window.seconds:.0f}s ({rate:.1f}/s). Fragmentation means a path MTU is "
+                         "smaller than what senders use: typically an overlay (VXLAN/Geneve/IPIP/"
+                         "WireGuard) whose overhead was not taken off the pod MTU. Fragments cost CPU, "
+                         "break through NAT/conntrack and firewalls, and any lost fragment loses the "
+                         "packet."),
                 evidence={"fragments_created": created, "fragmentation_failed": failed,
-                          "fragments_created_per_second": round(rate, 3),
-                          "pkt_too_big_drops": drops.get("PKT_TOO_BIG", 0),
-                          "window_seconds": round(window.seconds, 1)},
+                          "fragments_created_per_second": round(rate, 3), **common},
+                claims=("fragments_created",),
                 remediation=[
                     "find the MTU mismatch: see the mtu probe's findings (mtu.mismatch), or "
                     "ip -d link show | grep -E 'mtu|vxlan|geneve'",
                     "lower the pod/overlay MTU so that packets fit the underlay (overlay MTU = underlay "
                     "MTU - overhead: VXLAN 50, Geneve 50+, IPIP 20, WireGuard 60/80)",
                 ],
-                impact=rate + window.rate(sum(failed.values()))))
+                impact=rate))
+        if sum(failed.values()):
+            # DF set (or IPv6, which routers never fragment): the packet is dropped, and the
+            # sender learns the path MTU only from the ICMP frag-needed / packet-too-big the
+            # node sends (mtu.pmtu_frag_needed, into which triage folds this).
+            findings.append(Finding(
+                id="frag.fragmentation_failed", probe=self.name, severity="warning",
+                title="Packets too big for the next hop are dropped",
+                summary=(f"{sum(failed.values())} packets in {window.seconds:.0f}s were bigger than the "
+                         "MTU of the link they were to leave by and could not be fragmented (DF set, or "
+                         "IPv6 in transit), so the node dropped them. Senders recover only if the ICMP "
+                         "frag-needed / packet-too-big reaches them; where it is filtered, or the "
+                         "sender ignores it, large packets vanish: a path MTU black hole."),
+                evidence={"fragmentation_failed": failed, "fragments_created": created,
+                          "fragmentation_failed_per_second": round(window.rate(sum(failed.values())), 3),
+                          **common},
+                claims=("fragmentation_failed",),
+                remediation=[
+                    "find the link with the smaller MTU: ip -d link show | grep -E 'mtu|vxlan|geneve', "
+                    "and the mtu probe's findings (mtu.mismatch, mtu.pmtu_frag_needed)",
+                    "make senders use the path MTU: equal MTUs on both sides of the node, or the "
+                    "smaller one on the pods (the CNI's MTU setting)",
+                    "never filter ICMP type 3 code 4 / ICMPv6 type 2 between the node and the senders",
+                ],
+                impact=window.rate(sum(failed.values()))))
         rfail = {f: int(d.get(("reasm_fails", f), 0)) for f in ("ipv4", "ipv6")}
         rtime = {f: int(d.get(("reasm_timeout", f), 0)) for f in ("ipv4", "ipv6")}
         if sum(rfail.values()) or sum(rtime.values()):
@@ -146,6 +170,7 @@ class FragProbe(Probe):
                           "net.ipv4.ipfrag_time": ipfrag_time,
                           "net.ipv4.ipfrag_high_thresh": high,
                           "window_seconds": round(window.seconds, 1)},
+                claims=("reassembly_failed",) if sum(rfail.values()) else ("reassembly_timeouts",),
                 remediation=[
                     "stop the fragmentation at its source: fix the MTU (see frag.fragmentation_active "
                     "and mtu.mismatch)",

@@ -26,6 +26,9 @@ from .base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.mtu")
 DIRS = ("sent", "received")  # index = MTU_EV_* in bpf/mtu.c
+LINK_SETTLE = 1.0       # re-audit once link events have been quiet this long (s) ...
+LINK_MAX_WAIT = 5.0     # ... or this long after the first one, whichever comes first
+PEER_POLL = 4.5         # least time between two polls of the far ends read by nsid (s)
 
 
 def decode_recent(key, value, now_ns: int) -> dict:
@@ -65,6 +68,10 @@ class MtuProbe(Probe):
         self._worker = None
         self._audit_workers: dict = {}
         self.own_ino: int | None = None
+        self._links = None                  # daemon.linkwatch.LinkWatch
+        self._changed: tuple[float, float] | None = None  # (first, last) link event not yet audited
+        self._polled_at = 0.0
+        self.audits: dict[str, int] = {"interval": 0, "link_event": 0, "peer_change": 0}
 
     def cflags(self, features) -> list[str]:
         flags = [f"-DMTU_RECENT_MAX={int(self.config.mtu_recent_entries)}"]
@@ -89,9 +96,13 @@ class MtuProbe(Probe):
             from pyroute2 import IPRoute
             self._ipr = IPRoute()
         self._worker.call(_open)
+        from ..daemon.linkwatch import LinkWatch
+        self._links = LinkWatch(self._link_event, name="dpwatch-mtu-links")  # this thread's netns
         self.run_audit()
 
     def close(self) -> None:
+        if self._links is not None:
+            self._links.stop()
         if self.files:
             self.files.close()
             self.files = None
@@ -124,9 +135,35 @@ class MtuProbe(Probe):
             self.audit_snapshot, self.issues, self.audit_error = snap, issues, err
             self._audit_at = time.monotonic()
 
+    def _link_event(self, at: float) -> None:
+        with self._lock:
+            self._changed = (self._changed[0] if self._changed else at, at)
+
     def background(self) -> None:
-        if time.monotonic() - self._audit_at >= self.config.mtu_audit_interval:
-            self.run_audit()
+        """The audit every --mtu-audit-interval; sooner after a link of the daemon's netns
+        changed (debounced), or when a far end read by nsid changed (polled: a pod's own
+        links announce their changes only in the pod's netns)."""
+        now = time.monotonic()
+        with self._lock:
+            changed, snap = self._changed, self.audit_snapshot
+        reason = None
+        if now - self._audit_at >= self.config.mtu_audit_interval:
+            reason = "interval"
+        elif changed and (now - changed[1] >= LINK_SETTLE or now - changed[0] >= LINK_MAX_WAIT):
+            reason = "link_event"
+        elif snap is not None and snap.netns_ids and now - self._polled_at >= PEER_POLL:
+            self._polled_at = now
+            try:
+                if self._worker.call(lambda: mtuaudit.peers_changed(snap)):
+                    reason = "peer_change"
+            except Exception as exc:
+                log.debug("mtu peer poll: %s", exc)
+        if reason is None:
+            return
+        with self._lock:
+            self._changed = None  # events from here on call for another audit
+        self.audits[reason] += 1
+        self.run_audit()
 
     def route_mtu(self, dst: str) -> int | None:
         """The MTU this node uses toward dst: what a frag-needed it sent announced."""
@@ -208,7 +245,13 @@ class MtuProbe(Probe):
         return {"links": len(snap.links) if snap else 0,
                 "netns_skipped": snap.netns_skipped if snap else 0,
                 "all_netns": bool(self.config.mtu_all_netns),
-                "audit_error": self.audit_error, "mismatches": len(self.issues)}
+                "audit_error": self.audit_error, "mismatches": len(self.issues),
+                # the far ends of the daemon's veths: how they were read, how many were not
+                "peer_read": mtuaudit.peer_read_mode(snap, bool(self.config.mtu_all_netns)),
+                **{f"peers_{k}": (snap.peers if snap else {}).get(k, 0) for k in ("read", "refused", "unnamed")},
+                "peer_error": (snap.peers if snap else {}).get("error", ""),
+                "link_watch": self._links.state if self._links else "not started",
+                "audits": dict(self.audits)}
 
     # -- findings -----------------------------------------------------------------------------
     def diagnose(self, window: Window) -> list[Finding]:
@@ -236,7 +279,7 @@ class MtuProbe(Probe):
                 evidence={"mismatches": [{"kind": i.kind, "devices": i.devices, "overhead": i.overhead,
                                           "safe_mtu": i.safe_mtu} for i in issues[:10]],
                           "safe_mtu": safe},
-                remediation=remediation[:16],
+                claims=("mismatches",), remediation=remediation[:16],
                 impact=float(len(issues))))
         fn = window.delta("frag_needed")
         total = int(sum(fn.values()))
@@ -259,6 +302,7 @@ class MtuProbe(Probe):
                 evidence={"frag_needed": {f"{fam}_{d}": int(n) for (fam, d), n in sorted(fn.items())},
                           "recent": shown, "pmtu_cache": pmtu, "announced_mtus": announced,
                           "window_seconds": round(window.seconds, 1)},
+                claims=("frag_needed",),
                 remediation=[
                     "set the sending side's MTU to the announced MTU (or lower): ip link set dev <dev> mtu "
                     + (str(min(announced)) if announced else "<announced>"),

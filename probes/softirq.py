@@ -22,13 +22,13 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from ..daemon import procnet, sysctl, tracefs
 from .base import Finding, Hook, Mode, Probe, Reading, Window
+from .sample import p_value, share_exceeds
 
 NET_VECTORS = ("NET_RX", "NET_TX")
 HIST_SLOTS = 32          # slot s holds latencies below 2^s ns (bpf/softirq.c)
 LE_SLOTS = range(8, HIST_SLOTS - 1)  # exported bucket bounds: 2^8 ns (256 ns) .. 2^30 ns (~1.07 s)
 COUNTER_WRAP = 1 << 32   # softnet_stat prints 32-bit counters
 IMBALANCE_MIN_SHARE = 0.10   # the busiest CPU must spend this share in net softirqs to call a skew
-LATENCY_MIN_SAMPLES = 100    # raises of a vector in the window before its p99 means anything
 STEAL_CRITICAL_FACTOR = 4    # steal at 4x the threshold is critical
 SATURATED_CRITICAL = 0.90
 BACKLOG_CRITICAL_SHARE = 0.01  # backlog drops at 1% of the packets the CPUs processed
@@ -516,10 +516,14 @@ def _latency(window: Window, cfg, probe: str, secs: float, facts) -> list[Findin
         h = {slot: n for (v, slot), n in hist.items() if v == vec}
         count = sum(h.values())
         slot = p99_slot(h)
-        if slot is None or count < LATENCY_MIN_SAMPLES:
+        if slot is None:
             continue
         low, high = slot_bounds(slot)
-        if low < threshold:
+        # The histogram is weighted: each timed run stands for --softirq-sample runs. The
+        # sample-size rule counts timed runs, so N raises tell no more than N/sample do.
+        weight = max(1, int(getattr(cfg, "softirq_sample", 1)))
+        slow = sum(n for s, n in h.items() if slot_bounds(s)[0] >= threshold)
+        if low < threshold or not share_exceeds(slow / weight, count / weight, 0.01):
             continue
         per_cpu = {}
         for cpu in sorted({c for (c, v, _s) in net_hist if v == vec}):
@@ -528,10 +532,11 @@ def _latency(window: Window, cfg, probe: str, secs: float, facts) -> list[Findin
             if cs is not None:
                 per_cpu[str(cpu)] = {"raises": int(sum(ch.values())),
                                      "p99_seconds_from": slot_bounds(cs)[0], "p99_seconds_below": slot_bounds(cs)[1]}
-        slow = sum(n for s, n in h.items() if slot_bounds(s)[0] >= threshold)
         slow_rate += slow / secs
         per_vec[vec] = {"raises": int(count), "p99_seconds_from": low, "p99_seconds_below": high,
-                        "raises_over_threshold": int(slow), "per_cpu": per_cpu}
+                        "raises_over_threshold": int(slow), "timed_raises": int(count // weight),
+                        "p_value_if_p99_were_below": p_value(slow / weight, count / weight, 0.01),
+                        "per_cpu": per_cpu}
     if not per_vec:
         return []
     worst_cpu = None
@@ -559,5 +564,7 @@ def _latency(window: Window, cfg, probe: str, secs: float, facts) -> list[Findin
                  f"{threshold * 1e3:g} ms, log2 buckets). Packets wait that long on the node before the "
                  "stack sees them: the softirq was deferred to ksoftirqd, which competes with user "
                  "threads, or bottom halves were disabled for long."),
-        evidence={"window_seconds": round(secs, 1), "threshold_seconds": threshold, "vectors": per_vec},
+        evidence={"window_seconds": round(secs, 1), "threshold_seconds": threshold, "vectors": per_vec,
+                  "raises_over_threshold": int(sum(v["raises_over_threshold"] for v in per_vec.values()))},
+        claims=("raises_over_threshold",),
         remediation=steps, impact=slow_rate)]

@@ -21,6 +21,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "kernel"))  # shared 
 
 from netlab import Lab  # noqa: E402
 
+# Every finding any test produces (in this process, and in the daemons and commands it starts,
+# which inherit the environment) is held to its headline: a claimed count that is zero raises
+# ContradictionError (probes/base.py), and /diagnose then fails with a 500.
+os.environ["DPWATCH_CHECK_CLAIMS"] = "1"
+
 ROOT = os.geteuid() == 0
 HAVE_BCC = importlib.util.find_spec("bcc") is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -200,8 +200,15 @@ def test_timeouts_and_errors():
 
 
 def test_nxdomain_rate_needs_enough_answers():
-    few = reading(5, {"NXDOMAIN": 5})
+    # 4 of 4 NXDOMAIN: P = 0.2^4 = 0.0016 if the true share were 20%: not enough. 5 of 5 is.
+    few = reading(4, {"NXDOMAIN": 4})
     assert probe().diagnose(Window(60, reading(), few)) == []
+    five = reading(5, {"NXDOMAIN": 5})
+    f, = probe().diagnose(Window(60, reading(), five))
+    assert f.id == "dns.nxdomain_rate" and f.evidence["p_value_if_share_were_below"] == 0.00032
+    assert "(5 of 5)" in f.summary
+    # 5 of 20 (25%) is above the threshold, but the sample does not rule out 20%.
+    assert probe().diagnose(Window(60, reading(), reading(20, {"NXDOMAIN": 5, "NOERROR": 15}))) == []
     many = reading(50, {"NXDOMAIN": 30, "NOERROR": 20})
     f, = probe().diagnose(Window(60, reading(), many))
     assert f.id == "dns.nxdomain_rate" and f.evidence["nxdomain_percent"] == 60.0

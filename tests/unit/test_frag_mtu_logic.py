@@ -261,10 +261,11 @@ def test_frag_fails_alone_fire(frag_sysctls):
     old = frag_reading({("frag_fails", "ipv6"): 2})
     new = frag_reading({("frag_fails", "ipv6"): 3})
     (f,) = p.diagnose(Window(60, old, new))
-    assert f.id == "frag.fragmentation_active"
-    assert f.evidence == {"fragments_created": {"ipv4": 0, "ipv6": 0},
-                          "fragmentation_failed": {"ipv4": 0, "ipv6": 1},
-                          "fragments_created_per_second": 0.0, "pkt_too_big_drops": 0,
+    # Nothing was fragmented: the failure is its own finding, never "the node is fragmenting".
+    assert f.id == "frag.fragmentation_failed"
+    assert f.evidence == {"fragmentation_failed": {"ipv4": 0, "ipv6": 1},
+                          "fragments_created": {"ipv4": 0, "ipv6": 0},
+                          "fragmentation_failed_per_second": round(1 / 60, 3), "pkt_too_big_drops": 0,
                           "window_seconds": 60.0}
     assert f.impact == pytest.approx(1 / 60)
 
@@ -275,16 +276,17 @@ def test_frag_fragmentation_active_exact(frag_sysctls):
                         ("frag_fails", "ipv4"): 1}, {"PKT_TOO_BIG": 4, "DUP_FRAG": 0})
     new = frag_reading({("frag_creates", "ipv4"): 130, ("frag_creates", "ipv6"): 20,
                         ("frag_fails", "ipv4"): 6}, {"PKT_TOO_BIG": 9, "DUP_FRAG": 0})
-    (f,) = p.diagnose(Window(20, old, new))
+    f, failed = p.diagnose(Window(20, old, new))
     assert (f.id, f.probe, f.severity) == ("frag.fragmentation_active", "frag", "warning")
-    assert f.summary.startswith("This node created 40 IP fragments in 20s (2.0/s) and failed to "
-                                "fragment 5 packets. ")
+    assert f.summary.startswith("This node created 40 IP fragments in 20s (2.0/s). ")
+    assert failed.id == "frag.fragmentation_failed" and failed.impact == pytest.approx(0.25)
+    assert failed.summary.startswith("5 packets in 20s were bigger than the MTU")
     assert f.evidence == {"fragments_created": {"ipv4": 30, "ipv6": 10},
                           "fragmentation_failed": {"ipv4": 5, "ipv6": 0},
                           "fragments_created_per_second": 2.0, "pkt_too_big_drops": 5,
                           "window_seconds": 20.0}
     assert len(f.remediation) == 2
-    assert f.impact == pytest.approx(2.0 + 0.25)
+    assert f.impact == pytest.approx(2.0)
 
 
 def test_frag_reassembly_failures_exact(frag_sysctls):

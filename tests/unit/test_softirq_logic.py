@@ -239,8 +239,8 @@ def busy_pair():
         softnet={(0, "processed"): 101000, (0, "dropped"): 4000, (0, "time_squeeze"): 1050,
                  (1, "processed"): 2000, (1, "dropped"): 2000, (1, "time_squeeze"): 1000},
         ticks={**BASE_TICKS, (1, "steal"): 600},
-        latency={("NET_RX", 10): 980, ("NET_RX", 21): 20, ("TIMER", 25): 5000},
-        net_latency={(0, "NET_RX", 10): 980, (0, "NET_RX", 21): 20},
+        latency={("NET_RX", 10): 920, ("NET_RX", 21): 80, ("TIMER", 25): 5000},
+        net_latency={(0, "NET_RX", 10): 920, (0, "NET_RX", 21): 80},
         napi={("eth0",): 60, (sq.NO_DEVICE,): 105})
     return old, new
 
@@ -290,18 +290,38 @@ def test_busy_window_findings_exact():
     lat = found["softirq.latency_high"]
     v = lat.evidence["vectors"]
     assert list(v) == ["NET_RX"]                        # TIMER is slow too, but not a net vector
-    assert v["NET_RX"]["raises"] == 1000 and v["NET_RX"]["raises_over_threshold"] == 20
+    assert v["NET_RX"]["raises"] == 1000 and v["NET_RX"]["raises_over_threshold"] == 80
+    assert v["NET_RX"]["timed_raises"] == 125           # one run in 8 is timed (weight 8)
     assert v["NET_RX"]["p99_seconds_from"] == 2 ** 20 / 1e9
     assert v["NET_RX"]["per_cpu"] == {"0": {"raises": 1000, "p99_seconds_from": 2 ** 20 / 1e9,
                                             "p99_seconds_below": 2 ** 21 / 1e9}}
     assert lat.remediation[1] == "chrt -f -p 1 12   # let ksoftirqd/0 preempt ordinary threads"
-    assert lat.impact == 2.0
+    assert lat.impact == 8.0
+
 
     st = found["cpu.steal"]
     assert st.severity == "warning"                     # 100 ticks = 1 s of 10 s: 10 % (< 20 %)
     assert st.evidence["per_cpu_steal_percent"] == {"0": 0.0, "1": 10.0}
     assert st.remediation[0].startswith("kubectl drain worker-3 ")
     assert st.impact == 10.0
+
+
+
+def test_latency_needs_enough_timed_runs():
+    """2% of 1000 weighted raises over the threshold is 2.5 timed runs of 125 (weight 8): a
+    true p99 under 1 ms would give that often (P = 0.36), so no finding. Unweighted (sample 1)
+    the same counts are 20 of 1000 timed runs (P = 0.0033, still above 0.001: no finding);
+    40 of 1000 (P < 1e-12) is a finding."""
+    old, new = busy_pair()
+    for key, slow in (("latency", ("NET_RX", 21)), ("net_latency", (0, "NET_RX", 21))):
+        new["counters"][key][slow] = 20
+    found = {f.id for f in analyse(Window(10.0, old, new), cfg(), "softirq", 100, Facts())}
+    assert "softirq.latency_high" not in found
+    for n, expect in ((20, False), (40, True)):
+        for key, slow in (("latency", ("NET_RX", 21)), ("net_latency", (0, "NET_RX", 21))):
+            new["counters"][key][slow] = n
+        found = {f.id for f in analyse(Window(10.0, old, new), cfg(softirq_sample=1), "softirq", 100, Facts())}
+        assert ("softirq.latency_high" in found) is expect, n
 
 
 def test_severities_at_the_top():

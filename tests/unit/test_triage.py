@@ -107,6 +107,25 @@ def test_mtu_mismatch_absorbs_fragmentation():
     assert ids(triage.correlate([fr])) == ["frag.fragmentation_active"]
 
 
+def test_df_packets_too_big_are_path_mtu_discovery_not_fragmentation():
+    """The issue's case: frag-needed sent 3, fragmentation failed 3, fragments created 0. The
+    frag probe says nothing about fragmenting; its failure folds into mtu.pmtu_frag_needed."""
+    pmtu = F("mtu.pmtu_frag_needed", "warning", 0.1, frag_needed={"ipv4_sent": 3})
+    failed = F("frag.fragmentation_failed", "warning", 0.1,
+               fragmentation_failed={"ipv4": 5, "ipv6": 0}, fragments_created={"ipv4": 0, "ipv6": 0})
+    out = triage.correlate([failed, pmtu])
+    assert ids(out) == ["mtu.pmtu_frag_needed"]
+    rel = out[0].evidence["related"]["frag.fragmentation_failed"]
+    assert rel["frag_needed_sent"] == 3
+    assert "dropped 5 packets it could not forward" in out[0].summary
+    assert "2 of them got no ICMP answer" in out[0].summary
+    # Next to an MTU mismatch, both are its symptoms.
+    out = triage.correlate([failed, F("mtu.pmtu_frag_needed", "warning", 0.1, frag_needed={"ipv4_sent": 3}),
+                            F("mtu.mismatch", "critical", 1.0, mismatches=[{}])])
+    assert ids(out) == ["mtu.mismatch"]
+    assert set(out[0].evidence["related"]) == {"frag.fragmentation_failed", "mtu.pmtu_frag_needed"}
+
+
 def test_audit_folds_into_the_live_finding_without_duplicate_sysctls():
     live = Finding(id="drops.socket_receive_buffer", probe="drops", severity="warning", title="t",
                    summary="s", evidence={"drops": 9}, remediation=["sysctl -w net.core.rmem_max=16777216"],
