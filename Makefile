@@ -7,7 +7,7 @@ PYTEST := $(VENV)/bin/pytest
 LISTEN ?= 0.0.0.0:9400
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test setup-bench run check test test-unit test-kernel test-e2e test-kernels bench clean
+.PHONY: setup setup-test setup-bench run check test test-unit test-kernel test-e2e test-incidents test-kernels bench clean
 
 setup:
 	bash deploy/setup.sh
@@ -21,9 +21,13 @@ run: setup
 check: setup
 	$(VENV)/bin/dpwatch check
 
-# The whole suite: unit, kernel (real BPF) and end-to-end (the real daemon, real traffic).
+# The whole suite: unit, kernel (real BPF), end-to-end (the real daemon, real traffic) and the
+# incident library (reproduced node incidents: the right top finding, in time).
 test: setup-test
-	$(PYTEST) -v -rs --durations=15 $(PYTEST_ARGS) tests/unit tests/kernel tests/e2e
+	$(PYTEST) -v -rs --durations=15 $(PYTEST_ARGS) tests/unit tests/kernel tests/e2e tests/incidents
+
+test-incidents: setup-test
+	$(PYTEST) -v -rs $(PYTEST_ARGS) tests/incidents
 
 test-unit: setup-test
 	$(PYTEST) -v $(PYTEST_ARGS) tests/unit
