@@ -31,11 +31,14 @@ from netlab import Lab, http_get  # noqa: E402
 from test_capabilities_e2e import capsh_argv, daemonset_caps  # noqa: E402
 from test_daemon_e2e import DaemonProc  # noqa: E402
 
-ANSWER_SECONDS = 15.0   # the issue's bound: the top finding within 15 s of the fault
+# The issue's bound: the top finding within 15 s of the fault. Under software emulation (the
+# 6.1 guest) everything runs several times slower: make test-kernels stretches it.
+ANSWER_SECONDS = 15.0 * float(os.environ.get("DPWATCH_INCIDENT_TIME_FACTOR", "1"))
 PORT = 9400             # the default port: every incident has its own node netns
 RESULTS: list[dict[str, Any]] = []
 SEV = {"info": 0, "warning": 1, "critical": 2}
 CT_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+PARANOID = "/proc/sys/kernel/perf_event_paranoid"
 
 
 class DefaultDaemon(DaemonProc):
@@ -85,7 +88,18 @@ class Incident:
             fh.write(str(value))
 
     def start(self, *extra: str) -> DaemonProc:
-        """The daemon with its default flags (the snapshot interval too), ready."""
+        """The daemon with its default flags (the snapshot interval too), ready. The node meets
+        the DaemonSet's documented requirement, kernel.perf_event_paranoid <= 2 (Debian's
+        kernels default to 3: the 6.1 guest's does), restored at close."""
+        with open(PARANOID) as fh:
+            before = fh.read().strip()
+        if int(before) > 2:
+            def restore(value=before):
+                with open(PARANOID, "w") as fh:
+                    fh.write(value)
+            self.on_close(restore)
+            with open(PARANOID, "w") as fh:
+                fh.write("2")
         wrap = (lambda cmd: capsh_argv(daemonset_caps(), *cmd)) if self.caps else None
         self.daemon = DefaultDaemon(self.lab.node, list(extra), wrap)
         self.daemon.wait_ready()
