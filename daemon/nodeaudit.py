@@ -26,7 +26,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import sysctl
+from . import listeners, sysctl
+from .listeners import ListenWindow
 
 # -- thresholds (documented in docs/findings.md) ---------------------------------------------
 CONNTRACK_ENTRY_BYTES = 320        # kernel memory per conntrack entry (struct nf_conn + hash)
@@ -35,6 +36,11 @@ CONNTRACK_MIN = 131072             # kube-proxy conntrack.min default
 CONNTRACK_PEAK_WARN = 0.75         # peak use above this share of nf_conntrack_max: warning
 CONNTRACK_MEMORY_SHARE = 0.05      # never advise a table whose full size exceeds 5% of memory
 SOMAXCONN_RECOMMENDED = 4096       # the kernel default since 5.4
+# Refused connection attempts (ListenDrops) that make node.listen_queue_overflow critical: at
+# least this many a second, and at least as many as the handshakes completed meanwhile (Tcp
+# PassiveOpens): new connections then fail more often than they succeed, each failure a SYN
+# retried after 1, 3, 7... s, so the service is down for new clients, not merely slow.
+LISTEN_CRITICAL_RATE = 1.0
 PORT_RANGE_DEFAULT = 60999 - 32768 + 1  # 28232 ports: the kernel's default range
 PORT_USE_WARN = 0.5                # ephemeral ports toward one destination: share of the range
 TIME_WAIT_INFO, TIME_WAIT_WARN = 0.05, 0.25  # TIME_WAIT sockets as a share of the range
@@ -529,23 +535,88 @@ def check_conntrack(f: Facts, peak: int | None, drops: int) -> Result | None:
     return None
 
 
-def check_somaxconn(f: Facts, overflows: int) -> Result | None:
-    value = _int(f.sysctls.get("net.core.somaxconn"))
-    if value is None:
+def check_somaxconn(f: Facts, listen: ListenWindow | None = None) -> Result | None:
+    """somaxconn below the kernel default, as info. Overflowing listeners are
+    node.listen_queue_overflow's: it names them, and advises somaxconn only for those it caps."""
+    sample = listen.sample if listen else None
+    value = sample.somaxconn if sample and sample.somaxconn is not None else _int(f.sysctls.get("net.core.somaxconn"))
+    if value is None or value >= SOMAXCONN_RECOMMENDED:
         return None
-    want = max(SOMAXCONN_RECOMMENDED, 2 * value if overflows else 0)
-    if value >= want and not overflows:
+    ev: dict[str, Any] = {"net.core.somaxconn": value, "recommended": SOMAXCONN_RECOMMENDED}
+    summary = (f"somaxconn={value} caps every listen() backlog below the kernel default "
+               f"{SOMAXCONN_RECOMMENDED}: a burst of connections to a busy server is dropped.")
+    if sample and sample.ok:
+        capped = [x.endpoint for x in sample.listeners if x.backlog == value]
+        ev["listeners_capped_by_somaxconn"] = len(capped)
+        ev["capped_listeners"] = capped[:listeners.NAMED_MAX]
+        summary += (f" {len(capped)} listener(s) here are capped by it now ({', '.join(capped[:3])})."
+                    if capped else " No listener here is capped by it now.")
+    fix = [f"sysctl -w net.core.somaxconn={SOMAXCONN_RECOMMENDED}",
+           f"raise the server's listen() backlog to {SOMAXCONN_RECOMMENDED} too (the kernel caps it at somaxconn)"]
+    return Result("node.somaxconn_low", "info", "net.core.somaxconn is low", summary, ev, fix)
+
+
+def check_listen_overflow(lw: ListenWindow | None) -> Result | None:
+    """Connection attempts a listener refused in the window (TcpExt ListenOverflows: its accept
+    queue was full; ListenDrops: those and the SYNs dropped before it), with the listeners
+    that refused them named (see daemon/listeners.py)."""
+    if lw is None or (lw.overflows <= 0 and lw.drops <= 0):
         return None
-    ev = {"net.core.somaxconn": value, "listen_overflows_in_window": overflows, "recommended": want}
-    fix = [f"sysctl -w net.core.somaxconn={want}",
-           f"raise the server's listen() backlog to {want} too (the kernel caps it at somaxconn)"]
-    if overflows:
-        return Result("node.somaxconn_low", "warning", "Listen backlogs overflow (somaxconn)",
-                      f"{overflows} connection attempts overflowed a listen queue in this window; "
-                      f"somaxconn={value} caps every listen() backlog.", ev, fix, impact=float(overflows))
-    return Result("node.somaxconn_low", "info", "net.core.somaxconn is low",
-                  f"somaxconn={value} caps every listen() backlog below the kernel default "
-                  f"{SOMAXCONN_RECOMMENDED}: a burst of connections to a busy server is dropped.", ev, fix)
+    refused = max(lw.overflows, lw.drops)
+    rate = refused / max(lw.seconds, 1e-9)
+    found = listeners.culprits(lw)
+    sample = lw.sample
+    somax = lw.somaxconn
+    critical = rate >= LISTEN_CRITICAL_RATE and refused >= lw.passive_opens
+    extra = lw.drops - lw.overflows
+    if lw.overflows:
+        summary = (f"{lw.overflows:,} connection attempts were refused because a listener's accept queue "
+                   f"was full ({rate:.1f}/s; {lw.passive_opens:,} were accepted meanwhile).")
+        if extra > 0:
+            summary += (f" {extra:,} more were dropped before reaching the accept queue (a full SYN queue "
+                        "without syncookies, or no memory: see TcpExt TCPReqQFullDrop).")
+    else:
+        summary = (f"{lw.drops:,} connection attempts were dropped before reaching a listener's accept "
+                   f"queue ({rate:.1f}/s; {lw.passive_opens:,} were accepted meanwhile): a full SYN queue "
+                   "without syncookies, or no memory (see TcpExt TCPReqQFullDrop).")
+    if found:
+        top = found[0]
+        x = top.listener
+        age = top.tracked.get("last_full_seconds_ago")
+        state = "full" if x.full else (f"full {age:g} s ago" if age is not None else "not full now")
+        summary += (f" {top.who()} has a listen() backlog of {x.backlog} and {x.queue} connection(s) "
+                    f"waiting for accept() ({state}): ")
+        if top.capped:
+            summary += f"net.core.somaxconn={somax} caps its backlog, so raise both."
+        elif somax is not None:
+            summary += (f"the application accepts too slowly or asked for too small a backlog; "
+                        f"somaxconn={somax} does not cap it, so raising somaxconn changes nothing.")
+        else:
+            summary += "the application accepts too slowly or asked for too small a backlog."
+        if len(found) > 1:
+            summary += f" {len(found) - 1} more listener(s) overflowed too (see listeners)."
+    elif sample is not None and sample.ok:
+        summary += (" No listener of this netns counted drops or was seen full in the window: it closed "
+                    "since, or its queue filled and drained between two samples.")
+    ev: dict[str, Any] = {
+        "listen_overflows_in_window": lw.overflows, "listen_drops_in_window": lw.drops,
+        "passive_opens_in_window": lw.passive_opens, "refused_per_second": round(rate, 3),
+        "net.core.somaxconn": somax,
+        "listeners": [c.evidence() for c in found[:listeners.NAMED_MAX]],
+        "listeners_named_total": len(found),
+    }
+    if sample is not None:
+        ev["listeners_read"] = len(sample.listeners)
+        ev["listeners_full_now"] = sum(1 for x in sample.listeners if x.full)
+        if sample.error:
+            ev["read_error"] = sample.error
+    unseen = [c.listener.endpoint for c in found[:listeners.NAMED_MAX] if c.owners == []]
+    if unseen:
+        ev["owner_note"] = (f"no process in the daemon's /proc holds {', '.join(unseen)}: its owner runs "
+                            "in another pid namespace (the DaemonSet has no hostPID)")
+    return Result("node.listen_queue_overflow", "critical" if critical else "warning",
+                  "A listener's accept queue overflows", summary, ev,
+                  listeners.remediation(found, somax), impact=float(refused))
 
 
 def check_ports(f: Facts) -> Result | None:
@@ -761,11 +832,12 @@ def check_overlays(f: Facts) -> Result | None:
 
 
 def check(f: Facts, *, conntrack_peak: int | None = None, conntrack_drops: int = 0,
-          listen_overflows: int = 0, buffer_errors: int = 0, backlog_drops: int = 0,
+          listen: ListenWindow | None = None, buffer_errors: int = 0, backlog_drops: int = 0,
           netfilter_threshold: int = 10000) -> list[Result]:
     results = [
         check_conntrack(f, conntrack_peak, conntrack_drops),
-        check_somaxconn(f, listen_overflows),
+        check_listen_overflow(listen),
+        check_somaxconn(f, listen),
         check_ports(f),
         check_tw_reuse(f),
         check_backlog(f, backlog_drops),

@@ -7,6 +7,12 @@ devices) on the sampler thread every --node-audit-interval, in the daemon's netn
 snapshot adds the cheap counters that say whether a limit is being hit right now (listen
 overflows, socket buffer errors, backlog drops, conntrack drops and peak use), so a check is
 "info" on a quiet node and "warning" when the window shows the limit biting.
+
+Each reading also lists the netns' TCP listeners through sock_diag (daemon/listeners.py: one
+inet_diag dump per family, on a thread of its own in the daemon's netns), with each socket's
+accept queue, backlog and drop counter, so node.listen_queue_overflow names the listeners
+that refused connections. The owner of such a listener is looked up in /proc only when it
+is full or its drops grow, once per socket.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from ..daemon import nodeaudit
+from ..daemon import listeners, nodeaudit
 from ..daemon.snmp import parse_snmp, parse_snmp6
 from .base import Finding, Hook, Mode, Probe, Reading, Window
 
@@ -51,14 +57,15 @@ class NodeProbe(Probe):
     bpf_source = None
     description = ("node audit: conntrack size, somaxconn, port range, tw_reuse, backlog, socket "
                    "buffers, congestion control, inotify, netfilter rule count, overlays")
-    finding_ids = ("node.conntrack_max_low", "node.somaxconn_low", "node.port_range_small",
+    finding_ids = ("node.conntrack_max_low", "node.listen_queue_overflow", "node.somaxconn_low",
+                   "node.port_range_small",
                    "node.tcp_tw_reuse_off", "node.netdev_max_backlog_low", "node.socket_buffers_small",
                    "node.congestion_control", "node.inotify_limits_low", "netfilter.rule_count_high",
                    "node.overlay_in_use")
     modes = (
         Mode("audit", (Hook("procfs", "/proc/sys/net/core/somaxconn"),),
-             "sysctls, /proc/net/tcp, nfnetlink and iptables-legacy rule counts, rtnetlink links",
-             bpf=False),
+             "sysctls, /proc/net/tcp, sock_diag listeners, nfnetlink and iptables-legacy rule "
+             "counts, rtnetlink links", bpf=False),
     )
 
     def __init__(self, config: Any):
@@ -71,6 +78,12 @@ class NodeProbe(Probe):
         self._audit_at = 0.0
         self.audit_seconds = 0.0
         self.peak = 0
+        self._listen_worker = None
+        self.tracker = listeners.Tracker(horizon=float(getattr(config, "max_window", 3600.0)))
+        self._owners: dict[int, tuple[list[tuple[int, str]], float]] = {}  # inode -> (owners, when)
+        self.owner_scans = 0
+        self.owner_fds_scanned = 0
+        self.listen_error = ""
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, module) -> None:
@@ -89,15 +102,18 @@ class NodeProbe(Probe):
                 pass
         from ..daemon.netns import NetnsWorker
         self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-node")
+        # Its own thread, so a report's fresh reading never waits behind a running audit.
+        self._listen_worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-listen")
         self.run_audit()
 
     def close(self) -> None:
         for fh in self._files.values():
             fh.close()
         self._files.clear()
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        for worker in (self._worker, self._listen_worker):
+            if worker is not None:
+                worker.close()
+        self._worker = self._listen_worker = None
         super().close()
 
     def run_audit(self) -> None:
@@ -127,16 +143,51 @@ class NodeProbe(Probe):
         except OSError:
             return None
 
+    def _sample_listeners(self) -> listeners.ListenSample:
+        """The netns' listeners now, remembered by the tracker; owners of the hot ones named."""
+        if self._listen_worker is None:
+            return listeners.ListenSample(ok=False, error="not attached")
+        try:
+            found, error, somaxconn = self._listen_worker.call(listeners.sample_netns, timeout=5)
+        except Exception as exc:  # no sock_diag here: the finding still counts, without names
+            self.listen_error = f"{type(exc).__name__}: {exc}"
+            return listeners.ListenSample(ok=False, error=self.listen_error)
+        self.listen_error = error
+        now = time.monotonic()
+        with self._lock:
+            hot = self.tracker.observe(now, found)
+            self._name_owners(hot, {x.inode for x in found}, now)
+            owners = {inode: o for inode, (o, _at) in self._owners.items()}
+            return listeners.ListenSample(found, somaxconn, self.tracker.view(now), owners,
+                                          self.tracker.untracked, error)
+
+    def _name_owners(self, hot: set[int], live: set[int], now: float) -> None:
+        for inode in [i for i in self._owners if i not in live]:
+            del self._owners[inode]
+        need = [i for i in hot if i not in self._owners
+                or (not self._owners[i][0] and now - self._owners[i][1] >= listeners.OWNER_RETRY_SECONDS)]
+        if not need:
+            return
+        found, scanned, _truncated = listeners.socket_owners(need)
+        self.owner_scans += 1
+        self.owner_fds_scanned = scanned
+        for inode in need:
+            self._owners[inode] = (found.get(inode, []), now)
+
     def collect(self) -> Reading:
         c: dict[tuple[str], int] = {}
         text = self._read("netstat")
         if text:
-            c[("listen_overflows",)] = parse_snmp(text).get("TcpExt", {}).get("ListenOverflows", 0)
+            ext = parse_snmp(text).get("TcpExt", {})
+            c[("listen_overflows",)] = ext.get("ListenOverflows", 0)
+            c[("listen_drops",)] = ext.get("ListenDrops", 0)
         text = self._read("snmp")
         errs = 0
         if text:
-            udp = parse_snmp(text).get("Udp", {})
+            snmp = parse_snmp(text)
+            udp = snmp.get("Udp", {})
             errs += udp.get("RcvbufErrors", 0) + udp.get("SndbufErrors", 0)
+            c[("passive_opens",)] = snmp.get("Tcp", {}).get("PassiveOpens", 0)
         text = self._read("snmp6")
         if text:
             v6 = parse_snmp6(text)
@@ -153,8 +204,13 @@ class NodeProbe(Probe):
             self.peak = max(self.peak, int(text))
         with self._lock:
             facts = self.facts
-        return {"counters": {"limits": c}, "gauges": {"conntrack_peak": {(): self.peak}},
-                "info": {"facts": facts}}
+        listen = self._sample_listeners()
+        gauges = {"conntrack_peak": {(): self.peak}}
+        if listen.ok:
+            gauges["listeners"] = {("listening",): len(listen.listeners),
+                                   ("full",): sum(1 for x in listen.listeners if x.full)}
+        return {"counters": {"limits": c, "listener_drops": listeners.drop_counters(listen.listeners)},
+                "gauges": gauges, "info": {"facts": facts, "listen": listen}}
 
     def metrics(self, reading: Reading) -> Iterable:
         facts = reading.get("info", {}).get("facts")
@@ -173,24 +229,41 @@ class NodeProbe(Probe):
                 socks.add_metric([state], n)
         yield rules
         yield socks
+        counts = reading.get("gauges", {}).get("listeners")
+        if counts is not None:
+            yield GaugeMetricFamily("dpwatch_tcp_listeners", "TCP listening sockets in the daemon's netns "
+                                    "(sock_diag, at scrape time).", value=counts[("listening",)])
+            yield GaugeMetricFamily("dpwatch_tcp_listeners_full", "TCP listeners in the daemon's netns "
+                                    "whose accept queue is full (queue above backlog: the next connection "
+                                    "attempt is refused), at scrape time.", value=counts[("full",)])
 
     def info(self) -> dict[str, Any]:
         facts = self.facts
         return {"audit_interval_seconds": self.config.node_audit_interval,
                 "audit_seconds": round(self.audit_seconds, 3), "audit_error": self.audit_error,
-                "read_errors": facts.errors if facts else {}}
+                "read_errors": facts.errors if facts else {},
+                "listeners": {"read_error": self.listen_error, "tracked": len(self.tracker.tracks),
+                              "untracked": self.tracker.untracked, "owner_scans": self.owner_scans,
+                              "owner_fds_scanned_last": self.owner_fds_scanned}}
 
     # -- findings -----------------------------------------------------------------------------------
     def diagnose(self, window: Window) -> list[Finding]:
-        facts = window.new.get("info", {}).get("facts")
-        if facts is None:
-            return []
+        info = window.new.get("info", {})
+        facts = info.get("facts")
         d = {k[0]: int(v) for k, v in window.delta("limits").items()}
-        results = nodeaudit.check(
-            facts, conntrack_peak=window.new["gauges"]["conntrack_peak"].get(()),
-            conntrack_drops=d.get("conntrack_drops", 0), listen_overflows=d.get("listen_overflows", 0),
-            buffer_errors=d.get("buffer_errors", 0), backlog_drops=d.get("backlog_drops", 0),
-            netfilter_threshold=int(self.config.netfilter_rules_warning))
+        listen = listeners.ListenWindow(
+            window.seconds, overflows=d.get("listen_overflows", 0), drops=d.get("listen_drops", 0),
+            passive_opens=d.get("passive_opens", 0),
+            socket_drops={k[0]: int(v) for k, v in window.delta("listener_drops").items()},
+            sample=info.get("listen"))
+        if facts is None:  # no audit yet: the live listen check still stands on the counters
+            results = [r for r in (nodeaudit.check_listen_overflow(listen),) if r is not None]
+        else:
+            results = nodeaudit.check(
+                facts, conntrack_peak=window.new["gauges"]["conntrack_peak"].get(()),
+                conntrack_drops=d.get("conntrack_drops", 0), listen=listen,
+                buffer_errors=d.get("buffer_errors", 0), backlog_drops=d.get("backlog_drops", 0),
+                netfilter_threshold=int(self.config.netfilter_rules_warning))
         out = []
         for r in results:
             ev = {k: v for k, v in r.evidence.items() if v is not None}
@@ -203,5 +276,5 @@ class NodeProbe(Probe):
 
 # Checks whose impact is a count of events in the window (made a rate here); the others
 # measure a level (sockets, rules), not events per second, and rank by severity alone.
-EVENT_IMPACT = frozenset({"node.conntrack_max_low", "node.somaxconn_low",
+EVENT_IMPACT = frozenset({"node.conntrack_max_low", "node.listen_queue_overflow",
                           "node.netdev_max_backlog_low", "node.socket_buffers_small"})

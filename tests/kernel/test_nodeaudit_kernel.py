@@ -4,7 +4,9 @@ Per-netns sysctls (somaxconn, ip_local_port_range, tcp_tw_reuse, tcp_congestion_
 are set inside a test netns; global ones (nf_conntrack_max, fs.inotify.max_user_instances,
 netdev_max_backlog, rmem_max/wmem_max) are read, changed and restored in a finally. Netfilter rules are loaded for real
 (nft in one netns, iptables-legacy and ip6tables-legacy in another) and counted exactly;
-TIME_WAIT sockets come from real TCP connections in the netns.
+TIME_WAIT sockets come from real TCP connections in the netns. Listeners are read through
+sock_diag against real sockets whose accept queues are filled from the pod's netns, and
+checked against the kernel's own counters (TcpExt ListenDrops, ListenOverflows).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dpwatch.daemon.config import Config
 from dpwatch.daemon.netns import run_in
 from dpwatch.probes.base import Window
 from dpwatch.probes.node import NodeProbe
-from netlab import Lab, in_netns, sh
+from netlab import Lab, in_netns, read_snmp, sh
 
 
 def gather_in(ns: str) -> nodeaudit.Facts:
@@ -212,6 +214,101 @@ def test_overlay_device_and_node_probe_in_netns(lab):
     o = found["node.overlay_in_use"]
     assert [d["name"] for d in o.evidence["overlay_devices"]] == ["vxlan77"]
     assert o.evidence["overhead_bytes"] == 50
+    # The overflows are named: the backlog-1 listener, which somaxconn (64) does not cap.
+    r = found["node.listen_queue_overflow"]
+    assert r.evidence["listen_overflows_in_window"] >= 1
+    (named,) = r.evidence["listeners"]
+    assert named["effective_backlog"] == 1 and named["capped_by_somaxconn"] is False
+    assert named["socket_drops_in_window"] >= 1 and named["process"]["pid"] == os.getpid()
+    assert not any(step.startswith("sysctl -w net.core.somaxconn") for step in r.remediation)
     s = found["node.somaxconn_low"]
     assert s.evidence["net.core.somaxconn"] == 64
-    assert s.severity == "warning" and s.evidence["listen_overflows_in_window"] >= 1
+    assert s.severity == "info" and s.evidence["listeners_capped_by_somaxconn"] == 0
+
+
+def _until(read, port: int, pred, timeout: float = 3.0):
+    """The listener on ``port`` once ``pred`` holds for it (handshakes finish asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        x = read()[port]
+        if pred(x) or time.monotonic() > deadline:
+            return x
+        time.sleep(0.02)
+
+
+def _connect(ns: str, host: str, port: int, n: int, family: int = socket.AF_INET) -> list[socket.socket]:
+    def go():
+        out = []
+        for _ in range(n):
+            c = socket.socket(family)
+            c.setblocking(False)
+            c.connect_ex((host, port))
+            out.append(c)
+        return out
+    return in_netns(ns, go)
+
+
+def test_listeners_read_through_sock_diag_exactly(lab):
+    """Queue, backlog and drops of real listeners, as the kernel counts them: listen(4) holds
+    five connections (full is queue > backlog), each refused SYN is one drop on the socket and
+    one TcpExt ListenDrops/ListenOverflows, a backlog above somaxconn is capped to it, and
+    the pod's listeners are not the node's."""
+    from dpwatch.daemon import listeners
+    ns, ip4, ip6 = lab.node, lab.pod.node_ip4, lab.pod.node_ip6
+    sh("sysctl", "-qw", "net.core.somaxconn=8", ns=ns)
+
+    def listen(family, addr, backlog):
+        def go():
+            srv = socket.socket(family)
+            srv.bind((addr, 0))
+            srv.listen(backlog)
+            return srv
+        return in_netns(ns, go)
+
+    def read():
+        found, error, somaxconn = run_in(f"/run/netns/{ns}", listeners.sample_netns)
+        assert error == "" and somaxconn == 8
+        return {x.port: x for x in found}
+
+    srv = listen(socket.AF_INET, ip4, 4)
+    big = listen(socket.AF_INET, ip4, 100)
+    v6 = listen(socket.AF_INET6, ip6, 2)
+    pod_srv = in_netns(lab.pod.ns, lambda: socket.socket())
+    in_netns(lab.pod.ns, lambda: (pod_srv.bind((lab.pod.ip4, 0)), pod_srv.listen(3)))
+    port, port6 = srv.getsockname()[1], v6.getsockname()[1]
+    before = read_snmp(ns, "TcpExt", "/proc/net/netstat")
+    clients = []
+    try:
+        x = read()[port]
+        assert (x.queue, x.backlog, x.drops, x.full) == (0, 4, 0, False)
+        assert x.endpoint == f"{ip4}:{port}" and x.inode == os.fstat(srv.fileno()).st_ino
+        assert read()[big.getsockname()[1]].backlog == 8  # listen(100), capped at somaxconn 8
+        assert all(y.address != lab.pod.ip4 for y in read().values())  # the pod's own netns
+        clients += _connect(lab.pod.ns, ip4, port, 4)
+        x = _until(read, port, lambda y: y.queue == 4)
+        assert x.queue == 4 and not x.full and x.drops == 0
+        clients += _connect(lab.pod.ns, ip4, port, 1)
+        x = _until(read, port, lambda y: y.queue == 5)
+        assert x.queue == 5 and x.full and x.drops == 0  # backlog + 1 held: now full
+        extra = _connect(lab.pod.ns, ip4, port, 3)
+        _until(read, port, lambda y: y.drops >= 3)
+        for c in extra:
+            c.close()  # no more SYN retransmissions
+        x = read()[port]
+        assert x.queue == 5 and x.drops >= 3 and x.drops % 3 == 0  # 3 SYNs, maybe retransmitted
+        after = read_snmp(ns, "TcpExt", "/proc/net/netstat")
+        assert after["ListenDrops"] - before["ListenDrops"] == x.drops
+        assert after["ListenOverflows"] - before["ListenOverflows"] == x.drops
+        # IPv6: listen(2) holds three.
+        clients += _connect(lab.pod.ns, ip6, port6, 3, socket.AF_INET6)
+        y = _until(read, port6, lambda z: z.queue == 3)
+        text6 = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, ip6))
+        assert y.queue == 3 and y.full and y.family == "ipv6" and y.endpoint == f"[{text6}]:{port6}"
+        # The owner, from /proc: this process.
+        owners, scanned, truncated = listeners.socket_owners([x.inode])
+        assert owners[x.inode][0][0] == os.getpid() and scanned > 0 and not truncated
+    finally:
+        for c in clients:
+            c.close()
+        for s_ in (srv, big, v6, pod_srv):
+            s_.close()

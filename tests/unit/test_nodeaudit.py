@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from dpwatch.daemon import listeners as ls
 from dpwatch.daemon import nodeaudit as na
 from dpwatch.daemon.config import Config
 from dpwatch.probes.base import Window
@@ -137,11 +138,83 @@ def test_conntrack_max_info_warning_and_memory_cap():
     assert na.check_conntrack(na.Facts(sysctls={}), None, 0) is None  # nf_conntrack not loaded
 
 
+def listen_window(rows, somaxconn=4096, seconds=10.0, overflows=0, drops=None, passive_opens=0,
+                  socket_drops=None, owners=None, tracked=None) -> ls.ListenWindow:
+    return ls.ListenWindow(seconds, overflows, overflows if drops is None else drops, passive_opens,
+                           socket_drops or {}, ls.ListenSample(rows, somaxconn, tracked or {}, owners or {}))
+
+
+def test_listen_overflow_names_a_listener_that_somaxconn_does_not_cap():
+    """The issue's case: listen(1), 200 connection attempts. The listener is named with its
+    backlog; raising somaxconn (4096) would change nothing, so it is not advised."""
+    server = ls.Listener("ipv4", "198.18.0.1", 9641, 4242, 2, 1, 792)
+    lw = listen_window([server, ls.Listener("ipv4", "0.0.0.0", 22, 11, 0, 128, 0)], overflows=792,
+                       passive_opens=2, socket_drops={4242: 792}, owners={4242: [(77, "python3")]})
+    found = ids(na.check(facts(), listen=lw))
+    assert "node.somaxconn_low" not in found
+    r = found["node.listen_queue_overflow"]
+    assert r.severity == "critical" and r.impact == 792.0  # 79/s, and far more refused than accepted
+    assert "198.18.0.1:9641 (python3, pid 77) has a listen() backlog of 1" in r.summary
+    assert "raising somaxconn changes nothing" in r.summary
+    (named,) = r.evidence["listeners"]
+    assert named["listener"] == "198.18.0.1:9641" and named["effective_backlog"] == 1
+    assert named["capped_by_somaxconn"] is False and named["socket_drops_in_window"] == 792
+    assert named["process"] == {"pid": 77, "comm": "python3"}
+    assert r.evidence["listeners_full_now"] == 1 and r.evidence["listeners_read"] == 2
+    assert not any("somaxconn=" in step and step.startswith("sysctl") for step in r.remediation)
+    assert r.remediation[0].startswith("198.18.0.1:9641 (python3, pid 77): raise its listen() backlog from 1 to 128")
+
+
+def test_listen_overflow_advises_somaxconn_only_when_it_caps():
+    capped = ls.Listener("ipv4", "198.18.0.1", 9642, 5, 17, 16, 40)
+    free = ls.Listener("ipv6", "::", 9643, 6, 0, 8, 3)
+    lw = listen_window([capped, free], somaxconn=16, overflows=43, passive_opens=100,
+                       socket_drops={5: 40, 6: 3}, owners={5: [], 6: []})
+    found = ids(na.check(facts(net__core__somaxconn="16"), listen=lw))
+    r = found["node.listen_queue_overflow"]
+    assert r.severity == "warning"  # fewer refused than accepted
+    assert [x["capped_by_somaxconn"] for x in r.evidence["listeners"]] == [True, False]
+    assert "net.core.somaxconn=16 caps its backlog" in r.summary and "1 more listener(s)" in r.summary
+    assert r.remediation[0] == "sysctl -w net.core.somaxconn=4096"
+    assert r.remediation[1].startswith("198.18.0.1:9642: its backlog 16 is capped by somaxconn")
+    assert r.remediation[2].startswith("[::]:9643: raise its listen() backlog from 8 to 16")
+    assert "another pid namespace" in r.evidence["owner_note"]
+    # The audit's own info stays, and says which listeners it caps.
+    s = found["node.somaxconn_low"]
+    assert s.severity == "info" and s.evidence["listeners_capped_by_somaxconn"] == 1
+    assert s.evidence["capped_listeners"] == ["198.18.0.1:9642"]
+
+
+def test_listen_overflow_severity_and_what_it_cannot_name():
+    # Below 1/s: a warning even when nothing was accepted.
+    assert na.check_listen_overflow(listen_window([], seconds=60, overflows=30)).severity == "warning"
+    # Nothing counted, nothing refused: no finding.
+    assert na.check_listen_overflow(listen_window([])) is None
+    assert na.check_listen_overflow(None) is None
+    # Counters only (the listeners could not be read): counted, generic fix, no somaxconn.
+    lw = ls.ListenWindow(10.0, overflows=50, drops=60, passive_opens=10,
+                         sample=ls.ListenSample(ok=False, error="OSError: no sock_diag"))
+    r = na.check_listen_overflow(lw)
+    assert r.severity == "critical" and r.evidence["listeners"] == [] and r.impact == 60.0
+    assert r.evidence["read_error"] == "OSError: no sock_diag"
+    assert "10 more were dropped before reaching the accept queue" in r.summary
+    assert r.remediation[0].startswith("ss -ltnp | awk")
+    assert not any("somaxconn" in step for step in r.remediation)
+    # Read, but no listener dropped or filled in the window: said so.
+    r = na.check_listen_overflow(listen_window([ls.Listener("ipv4", "0.0.0.0", 22, 1, 0, 128, 0)],
+                                               overflows=5, passive_opens=100))
+    assert "No listener of this netns counted drops or was seen full" in r.summary
+    # SYNs dropped with no accept queue full.
+    r = na.check_listen_overflow(listen_window([], overflows=0, drops=7, passive_opens=100))
+    assert r.summary.startswith("7 connection attempts were dropped before reaching a listener's accept queue")
+
+
 def test_somaxconn_ports_and_tw_reuse():
     r = ids(na.check(facts(net__core__somaxconn="128")))["node.somaxconn_low"]
     assert (r.severity, r.evidence["recommended"]) == ("info", 4096)
-    r = ids(na.check(facts(net__core__somaxconn="4096"), listen_overflows=12))["node.somaxconn_low"]
-    assert (r.severity, r.evidence["recommended"], r.impact) == ("warning", 8192, 12.0)
+    assert "listeners_capped_by_somaxconn" not in r.evidence  # no listeners read
+    r = ids(na.check(facts(net__core__somaxconn="128"), listen=listen_window([], somaxconn=128)))
+    assert "No listener here is capped by it now" in r["node.somaxconn_low"].summary
 
     f = facts(net__ipv4__ip_local_port_range="40000 40999", net__ipv4__tcp_tw_reuse="0")
     f.busiest_destination = {"destination": "10.0.0.1:443", "sockets": 600}
@@ -214,12 +287,23 @@ def test_proc_parsers():
 def test_node_probe_diagnose_uses_window_deltas():
     probe = NodeProbe(Config())
     f = facts(net__core__somaxconn="128")
-    old = {"counters": {"limits": {("listen_overflows",): 10}}, "gauges": {"conntrack_peak": {(): 0}}}
-    new = {"counters": {"limits": {("listen_overflows",): 30}}, "gauges": {"conntrack_peak": {(): 5}},
-           "info": {"facts": f}}
+    server = ls.Listener("ipv4", "198.18.0.1", 9641, 4242, 2, 1, 25)
+    old = {"counters": {"limits": {("listen_overflows",): 10, ("listen_drops",): 10, ("passive_opens",): 5},
+                        "listener_drops": {(4242,): 5}},
+           "gauges": {"conntrack_peak": {(): 0}}}
+    new = {"counters": {"limits": {("listen_overflows",): 30, ("listen_drops",): 30, ("passive_opens",): 7},
+                        "listener_drops": {(4242,): 25}},
+           "gauges": {"conntrack_peak": {(): 5}},
+           "info": {"facts": f, "listen": ls.ListenSample([server], 128)}}
     found = {x.id: x for x in probe.diagnose(Window(10.0, old, new))}
-    s = found["node.somaxconn_low"]
-    assert s.severity == "warning" and s.evidence["listen_overflows_in_window"] == 20
-    assert s.impact == 2.0  # 20 overflows in 10 s
-    assert s.probe == "node"
+    o = found["node.listen_queue_overflow"]
+    assert o.severity == "critical" and o.evidence["listen_overflows_in_window"] == 20
+    assert o.evidence["passive_opens_in_window"] == 2
+    assert o.evidence["listeners"][0]["socket_drops_in_window"] == 20
+    assert o.impact == 2.0  # 20 refused in 10 s
+    assert o.probe == "node"
+    assert found["node.somaxconn_low"].severity == "info" and found["node.somaxconn_low"].impact == 0
     assert probe.diagnose(Window(10.0, old, {"counters": {}, "gauges": {}})) == []
+    # Before the first audit the live check still stands on the counters.
+    new["info"] = {"listen": ls.ListenSample([server], 128)}
+    assert [x.id for x in probe.diagnose(Window(10.0, old, new))] == ["node.listen_queue_overflow"]
