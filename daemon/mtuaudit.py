@@ -6,13 +6,22 @@ Two halves:
   ``all_netns``, of every netns under /run/netns and /proc/*/ns/net, bounded) through
   rtnetlink (pyroute2), never by parsing ``ip`` output. Per netns it makes one link dump and
   one route dump (the route dump also returns the cached PMTU exceptions), plus RTM_GETNSID
-  requests only when a link there points into another netns.
+  requests only when a link there points into another netns. The other end of each veth of
+  the daemon's netns whose netns was not read that way (no ``all_netns``, or no setns without
+  CAP_SYS_ADMIN) is read from the daemon's netns itself: RTM_GETLINK with IFLA_TARGET_NETNSID
+  (daemon/linkpeer.py: CAP_NET_ADMIN, kernel 4.20+, no setns). Its netns is named by matching
+  the nsid against the files under /run/netns and /proc/*/ns/net that can be opened; one that
+  matches none is known by its nsid only. Where the kernel refuses, that veth's peer stays
+  unseen, as before, and Snapshot.peers says why.
 - ``audit()`` is pure: it turns a Snapshot into Issues with exact remediation commands.
 
 Rules (each problem reported once):
 
 - veth_mismatch: the two ends of a veth pair differ in MTU (also across netns). The bigger
-  end's bigger frames are dropped by the smaller end with no ICMP error.
+  end's bigger frames are dropped by the smaller end with no ICMP error. The fix sets the
+  bigger end down to the smaller one, except for a pod pair (one end in the daemon's netns)
+  on a node whose other pod pairs mostly agree on one MTU (at least two, both ends equal):
+  then the end that differs from that MTU is set to it.
 - overlay_too_big: an up tunnel device whose MTU plus its encapsulation overhead exceeds the
   MTU of the device it sends through (its 'link' device, else the device of its netns'
   default route). Tunnels whose lower device is unknown are skipped (see skipped_overlays()).
@@ -42,6 +51,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import linkpeer
 from . import netns as netns_mod
 
 log = logging.getLogger("dpwatch.mtuaudit")
@@ -111,6 +121,11 @@ class Snapshot:
     netns_skipped: int               # over max_netns, or unreadable
     own_netns: int | None = None     # the daemon's netns inode (None: the first link's netns)
     netns_paths: dict[int, str] = field(default_factory=dict)  # inode -> /run/netns/X or /proc/PID/ns/net
+    # Namespaces whose links were read by nsid from the daemon's netns: netns key -> that nsid.
+    # The key is the inode, or -1 - nsid when no openable file matched (inode unknown).
+    netns_ids: dict[int, int] = field(default_factory=dict)
+    # How the peers were read by nsid: {"wanted", "read", "refused", "unnamed", "error"}.
+    peers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +178,9 @@ def cni_remediation(safe_mtu: int, overhead: int | None = None) -> list[str]:
     ]
 
 
+_UNSET = object()
+
+
 class _Index:
     def __init__(self, snap: Snapshot):
         self.snap = snap
@@ -170,6 +188,7 @@ class _Index:
         self.order = {(l.netns, l.ifindex): i for i, l in enumerate(snap.links)}
         self.own = snap.own_netns if snap.own_netns is not None else (
             snap.links[0].netns if snap.links else None)
+        self._pod_mtu: Any = _UNSET
 
     def get(self, key):
         return self.by_key.get(key) if key is not None else None
@@ -178,11 +197,15 @@ class _Index:
     def where(self, ino: int) -> str:
         if ino == self.own:
             return "the daemon's netns"
+        nsid = self.snap.netns_ids.get(ino)
+        if ino < 0:
+            return f"the netns with nsid {nsid}"
+        tag = "" if nsid is None else f", nsid {nsid}"
         path = self.snap.netns_paths.get(ino, "")
         if path.startswith("/run/netns/"):
-            return f"netns {path[len('/run/netns/'):]}"
+            return f"netns {path[len('/run/netns/'):]}" + (f" (inode {ino}{tag})" if tag else "")
         if path.startswith("/proc/") and path.endswith("/ns/net"):
-            return f"the netns of pid {path.split('/')[2]}"
+            return f"the netns of pid {path.split('/')[2]}" + (f" (inode {ino}{tag})" if tag else "")
         return f"netns {ino}"
 
     def prefix(self, ino: int) -> str:
@@ -193,14 +216,41 @@ class _Index:
             return f"ip netns exec {shlex.quote(path[len('/run/netns/'):])} "
         if path.startswith("/proc/"):
             return f"nsenter --net={shlex.quote(path)} "
+        if ino < 0:
+            return (f"# in the netns the node's netns numbers nsid {self.snap.netns_ids.get(ino)} "
+                    f"(no file of it is visible to dpwatch; `ip netns list-id` on the node names it): ")
         return f"# netns inode {ino} has no known path: "
 
     def set_mtu(self, link: Link, mtu: int) -> str:
         return f"{self.prefix(link.netns)}ip link set dev {shlex.quote(link.name)} mtu {int(mtu)}"
 
+    def dev(self, link: Link) -> dict:
+        """A device of an Issue. A netns read by nsid also gives that nsid and its path (the
+        inode is None when no file of it could be opened)."""
+        out = {"netns": link.netns, "name": link.name, "kind": link.kind, "mtu": link.mtu}
+        nsid = self.snap.netns_ids.get(link.netns)
+        if nsid is not None:
+            out["netns"] = link.netns if link.netns >= 0 else None
+            out["netnsid"] = nsid
+            out["netns_path"] = self.snap.netns_paths.get(link.netns)
+        return out
 
-def _dev(link: Link) -> dict:
-    return {"netns": link.netns, "name": link.name, "kind": link.kind, "mtu": link.mtu}
+    def pod_mtu(self) -> tuple[int, int] | None:
+        """(MTU, how many pairs) shared by most pod veth pairs of the daemon's netns whose two
+        ends agree, when at least two and more than half of those pairs do: the node's pod MTU."""
+        if self._pod_mtu is _UNSET:
+            counts: dict[int, int] = {}
+            underlay = _underlay_keys(self)
+            for link in self.snap.links:
+                peer = self.get(link.peer)
+                if (link.kind != "veth" or link.netns != self.own or peer is None or peer.netns == self.own
+                        or _key(link) in underlay or link.mtu != peer.mtu):
+                    continue
+                counts[link.mtu] = counts.get(link.mtu, 0) + 1
+            best = max(counts.items(), key=lambda kv: kv[1], default=None)
+            total = sum(counts.values())
+            self._pod_mtu = best if best and best[1] >= 2 and 2 * best[1] > total else None
+        return self._pod_mtu
 
 
 def _key(link: Link) -> tuple[int, int]:
@@ -232,13 +282,27 @@ def _veth_mismatch(ix: _Index) -> list[Issue]:
             continue
         a, b = sorted((link, peer), key=lambda l: ix.order[_key(l)])
         small, big = (a, b) if a.mtu < b.mtu else (b, a)
+        change, target, note = _veth_fix(ix, a, b, small, big)
         out.append(Issue(
-            kind="veth_mismatch", devices=[_dev(a), _dev(b)], overhead=None, safe_mtu=small.mtu,
+            kind="veth_mismatch", devices=[ix.dev(a), ix.dev(b)], overhead=None, safe_mtu=small.mtu,
             summary=(f"veth pair {a.name} ({ix.where(a.netns)}, MTU {a.mtu}) and {b.name} "
                      f"({ix.where(b.netns)}, MTU {b.mtu}) differ: frames over {small.mtu} bytes "
-                     f"sent from {big.name} are dropped at {small.name} with no ICMP error."),
-            remediation=[ix.set_mtu(big, small.mtu)]))
+                     f"sent from {big.name} are dropped at {small.name} with no ICMP error.{note}"),
+            remediation=[ix.set_mtu(change, target)]))
     return out
+
+
+def _veth_fix(ix: _Index, a: Link, b: Link, small: Link, big: Link) -> tuple[Link, int, str]:
+    """(end to change, MTU to give it, a note for the summary). A pod pair on a node whose pod
+    pairs agree on an MTU: the end that differs from it; otherwise the bigger end, lowered."""
+    pod = (a.netns == ix.own) != (b.netns == ix.own)
+    agreed = ix.pod_mtu() if pod else None
+    if agreed is None or agreed[0] not in (a.mtu, b.mtu):
+        return big, small.mtu, ""
+    mtu, pairs = agreed
+    odd = a if a.mtu != mtu else b
+    return odd, mtu, (f" {pairs} other pod veth pairs of this node are MTU {mtu} on both ends, "
+                      f"so {odd.name} is the end to change.")
 
 
 def _lower_of(ix: _Index, link: Link) -> Link | None:
@@ -266,7 +330,7 @@ def _overlay_too_big(ix: _Index) -> list[Issue]:
             continue
         safe = lower.mtu - overhead
         out.append(Issue(
-            kind="overlay_too_big", devices=[_dev(link), _dev(lower)], overhead=overhead, safe_mtu=safe,
+            kind="overlay_too_big", devices=[ix.dev(link), ix.dev(lower)], overhead=overhead, safe_mtu=safe,
             summary=(f"{link.kind} device {link.name} ({ix.where(link.netns)}) has MTU {link.mtu} but "
                      f"sends through {_lower_desc(link, lower)} with MTU {lower.mtu}, and {link.kind} "
                      f"{_family_note(link)} adds {overhead} bytes, so its full-size packets "
@@ -306,7 +370,7 @@ def _bridge_ports_differ(ix: _Index) -> list[Issue]:
         safe = min(p.mtu for p in ports)
         listing = ", ".join(f"{p.name} {p.mtu}" for p in ports)
         out.append(Issue(
-            kind="bridge_ports_differ", devices=[_dev(p) for p in ports], overhead=None, safe_mtu=safe,
+            kind="bridge_ports_differ", devices=[ix.dev(p) for p in ports], overhead=None, safe_mtu=safe,
             summary=(f"ports of bridge {bridge.name} ({ix.where(bridge.netns)}) have different MTUs "
                      f"({listing}): frames over {safe} bytes from the bigger ports are dropped at the "
                      f"smaller ones."),
@@ -393,7 +457,7 @@ def _pod_above_overlay(ix: _Index) -> list[Issue]:
         names = " / ".join(f"{e.name} ({ix.where(e.netns)}, MTU {e.mtu})" for e in ends)
         unseen = "" if peer is not None else "; its peer's netns was not collected"
         out.append(Issue(
-            kind="pod_above_overlay", devices=[_dev(e) for e in ends], overhead=overhead, safe_mtu=safe,
+            kind="pod_above_overlay", devices=[ix.dev(e) for e in ends], overhead=overhead, safe_mtu=safe,
             summary=(f"pod veth {names} is above the node's overlay MTU {safe} ({path}), so pod packets "
                      f"over {safe} bytes to other nodes are dropped or must be fragmented{unseen}."),
             remediation=[ix.set_mtu(e, safe) for e in ends if e.mtu > safe] + cni_remediation(safe, overhead)))
@@ -411,7 +475,7 @@ def skipped_overlays(snap: Snapshot) -> list[dict]:
     """Up tunnel devices whose lower device is unknown (no 'link' device and no default route):
     overlay_too_big cannot judge them."""
     ix = _Index(snap)
-    return [_dev(l) for l in snap.links
+    return [ix.dev(l) for l in snap.links
             if overlay_overhead(l) is not None and l.up and _lower_of(ix, l) is None]
 
 
@@ -575,11 +639,23 @@ def _default_dev(routes: list[dict], family: int | None) -> int | None:
     return None
 
 
-def _assemble(reads: dict[int, dict], own: int, paths: dict[int, str], skipped: int) -> Snapshot:
+def _far_end(l: dict, own: int, peers: dict) -> tuple[Link, str | None]:
+    """The other end of own veth ``l``, read by nsid, and a path to its netns when one is known.
+    Its netns key is the inode when a file of that netns matched the nsid, else -1 - nsid."""
+    rec, nsid = peers["links"][l["index"]], l["link_netnsid"]
+    ino, path = peers["names"].get(nsid, (-1 - nsid, None))
+    return Link(netns=ino, ifindex=rec["index"], name=rec["name"], kind=rec["kind"], mtu=rec["mtu"],
+                up=rec["up"], master=None, lower=None, peer=(own, l["index"]), underlay_family=None), path
+
+
+def _assemble(reads: dict[int, dict], own: int, paths: dict[int, str], skipped: int,
+              peers: dict | None = None) -> Snapshot:
     links: list[Link] = []
     routes: list[dict] = []
     pmtu: list[dict] = []
     tick = os.sysconf("SC_CLK_TCK") or 100
+    peers = peers or {"links": {}, "names": {}, "stats": {}}
+    paths, netns_ids = dict(paths), {}
     for ino, rd in reads.items():
         names = {l["index"]: l["name"] for l in rd["links"]}
         nsids = rd["nsids"]
@@ -589,10 +665,19 @@ def _assemble(reads: dict[int, dict], own: int, paths: dict[int, str], skipped: 
             return ino if nsid is None else nsids.get(nsid)
 
         for l in rd["links"]:
-            peer = lower = via = None
+            peer = lower = via = far = None
             target = other_ns(l)
             if l["kind"] == "veth" and l["link"] and target is not None:
                 peer = (target, int(l["link"]))
+            elif ino == own and l["index"] in peers["links"]:  # the other end, read by nsid
+                far, path = _far_end(l, own, peers)
+                peer = (far.netns, far.ifindex)
+                if far.netns in reads:  # that netns was read whole: its links are there
+                    far = None
+                else:
+                    netns_ids[far.netns] = l["link_netnsid"]
+                    if path:
+                        paths[far.netns] = path
             if l["lower"] and target is not None:
                 lower, via = (target, int(l["lower"])), "link"
             elif l["kind"] in OVERHEAD and target is not None:
@@ -603,6 +688,8 @@ def _assemble(reads: dict[int, dict], own: int, paths: dict[int, str], skipped: 
                               up=l["up"], master=l["master"], lower=lower, peer=peer,
                               underlay_family=None if l["family"] is None else int(l["family"]),
                               lower_via=via))
+            if far is not None:
+                links.append(far)
         for r in rd["routes"]:
             if r["mtu"] is None:
                 continue
@@ -614,7 +701,73 @@ def _assemble(reads: dict[int, dict], own: int, paths: dict[int, str], skipped: 
             else:
                 routes.append({"netns": ino, "dst": _dst_text(r), "dev": dev, "mtu": int(r["mtu"])})
     return Snapshot(links=links, routes=routes, pmtu=pmtu, netns_skipped=skipped, own_netns=own,
-                    netns_paths=dict(paths))
+                    netns_paths=paths, netns_ids=netns_ids, peers=dict(peers["stats"]))
+
+
+def _peers_by_nsid(own_rd: dict, reads: dict[int, dict], own: int, limit: int = 4096) -> dict:
+    """Runs in the daemon's netns: the other end of each of its veths whose netns was not read
+    (RTM_GETLINK with IFLA_TARGET_NETNSID), and names for those netns. Returns {"links":
+    {own veth ifindex: peer record}, "names": {nsid: (inode, path)}, "stats": {...}}."""
+    todo = [l for l in own_rd["links"] if l["kind"] == "veth" and l["link"] and l["link_netnsid"] is not None
+            and own_rd["nsids"].get(l["link_netnsid"]) not in reads]
+    stats = {"wanted": len(todo), "read": 0, "refused": 0, "unnamed": 0, "error": ""}
+    out: dict[str, Any] = {"links": {}, "names": {}, "stats": stats}
+    if not todo:
+        return out
+    try:
+        reader = linkpeer.PeerReader()
+    except OSError as exc:
+        stats.update(refused=len(todo), error=linkpeer.describe(exc))
+        return out
+    with reader:
+        for l in todo:
+            nsid = l["link_netnsid"]
+            try:
+                rec = reader.get_link(int(l["link"]), nsid)
+            except OSError as exc:
+                stats["refused"] += 1
+                stats["error"] = linkpeer.describe(exc)
+                continue
+            if rec["kind"] != "veth" or rec["link"] != l["index"]:
+                stats["refused"] += 1
+                stats["error"] = f"ifindex {l['link']} of nsid {nsid} is not the peer of {l['name']}"
+                continue
+            out["links"][l["index"]] = rec
+            stats["read"] += 1
+        wanted = {l["link_netnsid"] for l in todo if l["index"] in out["links"]}
+        if wanted:
+            out["names"] = linkpeer.name_nsids(reader, wanted, own, limit)
+        stats["unnamed"] = len(wanted - set(out["names"]))
+    return out
+
+
+def peer_read_mode(snap: Snapshot | None, all_netns: bool) -> str:
+    """How the far ends of the daemon's veths were read, for /probes: "netnsid" (RTM_GETLINK
+    by nsid from the daemon's netns), "all_netns" (each netns entered), or "unavailable: why"
+    when the kernel refused every read (their peers are then not compared)."""
+    peers = snap.peers if snap is not None else {}
+    if peers.get("wanted") and not peers.get("read"):
+        return (f"unavailable: {peers.get('error') or 'refused'}; the far ends of "
+                f"{peers['wanted']} veth(s) are not compared")
+    return "all_netns" if all_netns and not peers.get("read") else "netnsid"
+
+
+def peers_changed(snap: Snapshot) -> bool:
+    """Runs in the daemon's netns: whether any veth end read by nsid in ``snap`` now has another
+    name or MTU, or is gone (one RTM_GETLINK each; a pod's own MTU change is announced only in
+    the pod's netns, so no link event tells the daemon's)."""
+    ends = [l for l in snap.links if l.netns in snap.netns_ids]
+    if not ends:
+        return False
+    with linkpeer.PeerReader() as reader:
+        for l in ends:
+            try:
+                rec = reader.get_link(l.ifindex, snap.netns_ids[l.netns])
+            except OSError:
+                return True
+            if (rec["name"], rec["mtu"]) != (l.name, l.mtu):
+                return True
+    return False
 
 
 def collect(all_netns: bool, max_netns: int = MAX_NETNS_DEFAULT,
@@ -686,9 +839,9 @@ def collect(all_netns: bool, max_netns: int = MAX_NETNS_DEFAULT,
         # Second pass, only where links point into other namespaces: map their nsids to inodes.
         for ino, rd in reads.items():
             wanted = {l["link_netnsid"] for l in rd["links"] if l["link_netnsid"] is not None}
-            if not wanted:
+            cands = _candidates(ino, reads, fds) if wanted else []
+            if not cands:
                 continue
-            cands = _candidates(ino, reads, fds)
             try:
                 rd["nsids"] = pool[ino].call(lambda: _nsids_here(wanted, cands))
             except Exception as exc:
@@ -698,4 +851,5 @@ def collect(all_netns: bool, max_netns: int = MAX_NETNS_DEFAULT,
             os.close(fd)
         for ino in [i for i in pool if own_workers or i not in reads and i not in order]:
             pool.pop(ino).close()
-    return _assemble(reads, own, paths, skipped)
+    peers = _peers_by_nsid(reads[own], reads, own) if own in reads else None
+    return _assemble(reads, own, paths, skipped, peers)

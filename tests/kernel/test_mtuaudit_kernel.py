@@ -118,11 +118,14 @@ def test_veth_mismatch_across_netns():
             assert issue.remediation == [f"ip netns exec {lab.node} ip link set dev {pod.veth_node} mtu 1400"]
             assert s.netns_paths[node_ino] == f"/run/netns/{lab.node}"
 
-        # Without all_netns the pod's netns is not read: its end cannot be compared.
+        # Without all_netns the pod's netns is not entered: its end is read by nsid instead
+        # (test_far_end_read_by_nsid), and the finding is the same.
         snap = collect_in(lab.node, all_netns=False)
-        assert {l.netns for l in snap.links} == {node_ino}
-        assert snap.netns_skipped == 0
-        assert lab_issues(audit(snap), {node_ino, pod_ino}) == []
+        assert {l.netns for l in snap.links} == {node_ino, pod_ino}
+        assert snap.netns_skipped == 0 and snap.peers["read"] == 1
+        (issue,) = lab_issues(audit(snap), {node_ino, pod_ino})
+        assert (issue.kind, issue.safe_mtu, issue.remediation) == (
+            "veth_mismatch", 1400, [f"ip link set dev {pod.veth_node} mtu 1400"])
 
 
 def test_vxlan_over_1500_underlay_with_1500_pods():

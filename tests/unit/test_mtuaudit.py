@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from dpwatch.daemon.mtuaudit import (Issue, Link, Snapshot, audit, cni_remediation, effective_overlay_mtu,
-                                     overlay_overhead, skipped_overlays)
+from dpwatch.daemon.mtuaudit import (Issue, Link, Snapshot, _assemble, audit, cni_remediation,
+                                     effective_overlay_mtu, overlay_overhead, peer_read_mode, skipped_overlays)
 
 NODE, POD1, POD2, PROCNS, NOPATH = 100, 201, 202, 300, 400
 PATHS = {NODE: "/run/netns/node", POD1: "/run/netns/pod1", POD2: "/run/netns/pod2",
@@ -342,3 +342,107 @@ def test_cni_remediation_without_overhead_uses_the_mtu_itself():
     lines = cni_remediation(1400)
     assert "--set MTU=1400 " in lines[0]
     assert '"mtu":1400' in lines[1] and '"veth_mtu":"1400"' in lines[2] and '{"mtu": 1400}' in lines[3]
+
+
+# -- far ends read by nsid (daemon/linkpeer.py) ----------------------------------------------
+
+def own_read(*links: dict) -> dict:
+    return {"inode": NODE, "links": list(links), "routes": [], "nsids": {}}
+
+
+def rec(index, name, mtu, kind="veth", link=None, link_netnsid=None) -> dict:
+    return {"index": index, "name": name, "kind": kind, "mtu": mtu, "up": True, "master": None,
+            "link": link, "link_netnsid": link_netnsid, "lower": None, "family": None}
+
+
+def by_nsid(node_mtu, pod_mtu, names, nsid=3) -> Snapshot:
+    """The daemon's netns with veth1 (ifindex 10) whose far end, eth0 (ifindex 2 in the netns
+    it numbers ``nsid``), was read by nsid; ``names``: {nsid: (inode, path)} that matched."""
+    node = own_read(rec(1, "lo", 65536, kind="loopback"), rec(10, "veth1", node_mtu, link=2, link_netnsid=nsid))
+    peers = {"links": {10: rec(2, "eth0", pod_mtu, link=10, link_netnsid=7)}, "names": names,
+             "stats": {"wanted": 1, "read": 1, "refused": 0, "unnamed": 0 if names else 1, "error": ""}}
+    return _assemble({NODE: node}, NODE, {}, 0, peers)
+
+
+def test_far_end_read_by_nsid_joins_the_snapshot():
+    s = by_nsid(1400, 1500, {3: (POD1, "/run/netns/cni-1")})
+    assert s.netns_ids == {POD1: 3} and s.netns_paths == {POD1: "/run/netns/cni-1"}
+    ends = {l.name: l for l in s.links if l.kind == "veth"}
+    assert ends["veth1"].peer == (POD1, 2) and ends["eth0"].peer == (NODE, 10)
+    assert [l.name for l in s.links] == ["lo", "veth1", "eth0"]  # the far end follows its node end
+
+
+def test_pod_end_bigger_read_by_nsid():
+    """(a) pod end 1500 behind a node veth of 1400: the pod end is lowered, in its netns."""
+    (issue,) = audit(by_nsid(1400, 1500, {3: (POD1, "/run/netns/cni-1")}))
+    assert issue.kind == "veth_mismatch" and issue.safe_mtu == 1400
+    assert issue.devices == [dev(NODE, "veth1", "veth", 1400),
+                             dict(dev(POD1, "eth0", "veth", 1500), netnsid=3, netns_path="/run/netns/cni-1")]
+    assert issue.remediation == ["ip netns exec cni-1 ip link set dev eth0 mtu 1400"]
+    assert f"eth0 (netns cni-1 (inode {POD1}, nsid 3), MTU 1500)" in issue.summary
+
+
+def test_node_end_bigger_read_by_nsid():
+    """(b) node end 1500, pod end 1400: the node end is lowered, in the daemon's netns."""
+    (issue,) = audit(by_nsid(1500, 1400, {3: (PROCNS, "/proc/4242/ns/net")}))
+    assert issue.remediation == ["ip link set dev veth1 mtu 1400"]
+    assert issue.devices[1]["netns_path"] == "/proc/4242/ns/net"
+    assert "the netns of pid 4242 (inode 300, nsid 3)" in issue.summary
+
+
+def test_unnamed_far_end_is_known_by_its_nsid():
+    s = by_nsid(1400, 1500, {})
+    (issue,) = audit(s)
+    assert issue.devices[1] == {"netns": None, "name": "eth0", "kind": "veth", "mtu": 1500,
+                                "netnsid": 3, "netns_path": None}
+    assert "eth0 (the netns with nsid 3, MTU 1500)" in issue.summary
+    assert issue.remediation == [
+        "# in the netns the node's netns numbers nsid 3 (no file of it is visible to dpwatch; "
+        "`ip netns list-id` on the node names it): ip link set dev eth0 mtu 1400"]
+
+
+def test_far_end_of_a_netns_read_whole_is_not_added_twice():
+    node = own_read(rec(10, "veth1", 1500, link=2, link_netnsid=3))
+    pod = {"inode": POD1, "links": [rec(2, "eth0", 1400, link=10, link_netnsid=0)], "routes": [], "nsids": {}}
+    peers = {"links": {10: rec(2, "eth0", 1400, link=10)}, "names": {3: (POD1, "/run/netns/pod1")}, "stats": {}}
+    s = _assemble({NODE: node, POD1: pod}, NODE, dict(PATHS), 0, peers)
+    assert [(l.netns, l.name) for l in s.links] == [(NODE, "veth1"), (POD1, "eth0")]
+    assert s.netns_ids == {} and s.links[0].peer == (POD1, 2)
+
+
+def pods_agreeing(odd_node, odd_pod, others=1500, n=3) -> Snapshot:
+    links = []
+    for i in range(n):
+        links += veth_pair(NODE, 10 + i, f"veth{i}", others, POD1 + i * 1000, 2, "eth0", others)
+    links += veth_pair(NODE, 20, "vethodd", odd_node, POD2, 2, "eth0", odd_pod)
+    return snap(links)
+
+
+@pytest.mark.parametrize("odd_node,odd_pod,fix", [
+    (1500, 1400, "ip netns exec pod2 ip link set dev eth0 mtu 1500"),   # the pod end is the odd one
+    (1400, 1500, "ip link set dev vethodd mtu 1500"),                    # the node end is
+])
+def test_the_end_that_differs_from_the_nodes_pod_mtu_is_changed(odd_node, odd_pod, fix):
+    (issue,) = audit(pods_agreeing(odd_node, odd_pod))
+    assert issue.safe_mtu == 1400 and issue.remediation == [fix]
+    assert "3 other pod veth pairs of this node are MTU 1500 on both ends" in issue.summary
+
+
+def test_pod_mtu_needs_two_agreeing_pairs_and_a_majority():
+    (issue,) = audit(pods_agreeing(1500, 1400, n=1))  # one other pair: not enough to go by
+    assert issue.remediation == ["ip link set dev vethodd mtu 1400"]
+    links = list(pods_agreeing(1500, 1400, n=2).links)
+    links += veth_pair(NODE, 30, "vethx", 9000, PROCNS, 2, "eth0", 9000)
+    links += veth_pair(NODE, 31, "vethy", 9000, NOPATH, 2, "eth0", 9000)  # 2 at 1500, 2 at 9000: no majority
+    (issue,) = audit(snap(links))
+    assert issue.remediation == ["ip link set dev vethodd mtu 1400"]
+
+
+def test_peer_read_mode():
+    def with_peers(**kw):
+        return Snapshot(links=[], routes=[], pmtu=[], netns_skipped=0, peers=kw)
+    assert peer_read_mode(None, False) == "netnsid"
+    assert peer_read_mode(with_peers(wanted=0, read=0), True) == "all_netns"
+    assert peer_read_mode(with_peers(wanted=2, read=1, refused=1, error="EINVAL: x"), True) == "netnsid"
+    assert peer_read_mode(with_peers(wanted=2, read=0, refused=2, error="EACCES: Permission denied"), False) == (
+        "unavailable: EACCES: Permission denied; the far ends of 2 veth(s) are not compared")
