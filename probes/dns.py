@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import errno
 import ipaddress
 import logging
 import os
@@ -48,9 +47,6 @@ TC_NAME_PREFIX = "dpwatch_dns_"  # + the owning pid: a stale filter names a dead
 TC_INGRESS, TC_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3
 DEDUP_NS = 100_000_000    # bpf DNS_DEDUP_NS: sightings of one packet within 100 ms are one
 ANSWERED_KEEP_NS = 1_000_000_000  # answered entries are swept after this (well past DEDUP_NS)
-NETLINK_ROUTE = 0          # linux/netlink.h
-RTMGRP_LINK = 1            # linux/rtnetlink.h: the link add/change/delete multicast group
-LINK_WATCH_POLL = 0.5      # seconds the link watch blocks before it looks at its stop flag
 NAME_HISTORY_MAX = 20_000  # (interval, name) counts kept for windows (~500 B each, ~10 MiB); oldest dropped first
 
 
@@ -183,10 +179,7 @@ class DnsProbe(Probe):
         self._tcx_netns: int | None = None           # tcx mode: fd of the netns linked in
         self._tc_fd: int | None = None                # the dns_tc program (tc and tcx modes)
         self._tcx_lock = threading.Lock()             # scans from the link watch and the sampler
-        self._link_stop: threading.Event | None = None
-        self._link_thread: threading.Thread | None = None
-        self.link_watch = ""                          # "netlink", or why it is not running
-        self.link_events = 0                          # link messages that triggered a rescan
+        self._link_watch = None                       # tcx mode: daemon.linkwatch.LinkWatch
         self._tc_created: set[int] = set()  # ifindexes where dpwatch added the clsact qdisc
         self._tc_errors: dict[str, str] = {}
         self._worker = None
@@ -287,58 +280,17 @@ class DnsProbe(Probe):
 
     def _start_link_watch(self) -> None:
         """Link a new interface as soon as the kernel announces it, not at the next sampler
-        pass: a new pod's first DNS queries come in its first second. A thread in the linked
-        netns reads RTM_NEWLINK/DELLINK from a NETLINK_ROUTE socket (group RTMGRP_LINK) and
-        rescans on any message; the scan is of the whole list, so a lost message (ENOBUFS)
-        costs nothing but the wait for the sampler's own rescan, which stays as the backstop."""
-        from ..daemon import netns
-        stop, ready = threading.Event(), threading.Event()
-        path = f"/proc/self/fd/{self._tcx_netns}"
-
-        def watch() -> None:
-            try:
-                netns.join(path)
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                     NETLINK_ROUTE)
-                sock.bind((0, RTMGRP_LINK))
-                sock.settimeout(LINK_WATCH_POLL)
-            except OSError as exc:
-                self.link_watch = f"not running ({exc}); new interfaces are linked at the sampler's rescan"
-                ready.set()
-                return
-            self.link_watch = "netlink"
-            ready.set()
-            with sock:
-                while not stop.is_set():
-                    try:
-                        sock.recv(65536)
-                    except socket.timeout:
-                        continue
-                    except OSError as exc:
-                        if exc.errno != errno.ENOBUFS:  # a broken socket: stop, never spin
-                            self.link_watch = (f"stopped ({exc}); new interfaces are linked at "
-                                               "the sampler's rescan")
-                            return
-                        # ENOBUFS: messages were lost; the full rescan below covers them
-                    if stop.is_set():
-                        break
-                    self.link_events += 1
-                    try:
-                        self._scan_tcx()
-                    except Exception as exc:  # never the thread's end: the next message retries
-                        log.debug("dns tcx link-event rescan: %s", exc)
-
-        self._link_stop = stop
-        self._link_thread = threading.Thread(target=watch, name="dpwatch-dns-links", daemon=True)
-        self._link_thread.start()
-        ready.wait(5)
+        pass: a new pod's first DNS queries come in its first second. The link watch
+        (daemon/linkwatch.py, made in this attaching thread, so in the linked netns) rescans
+        on any link message; the scan is of the whole list, so a lost message (ENOBUFS) costs
+        nothing but the wait for the sampler's own rescan, which stays as the backstop."""
+        from ..daemon.linkwatch import LinkWatch
+        self._link_watch = LinkWatch(lambda _at: self._scan_tcx(), name="dpwatch-dns-links",
+                                fallback="new interfaces are linked at the sampler's rescan")
 
     def _stop_link_watch(self) -> None:
-        if self._link_stop is not None:
-            self._link_stop.set()
-        if self._link_thread is not None:
-            self._link_thread.join(2 * LINK_WATCH_POLL + 1)
-        self._link_stop, self._link_thread = None, None
+        if self._link_watch is not None:
+            self._link_watch.stop()
 
     def _scan_tcx(self) -> None:
         """Link new interfaces (ingress and egress); close the links of vanished ones. Runs
@@ -770,8 +722,8 @@ class DnsProbe(Probe):
             out["interfaces"] = sorted(self._tc.values())
             out["interface_errors"] = dict(list(self._tc_errors.items())[:16])
         if self.mode is not None and self.mode.name == "tcx":
-            out["link_watch"] = self.link_watch
-            out["link_events"] = self.link_events
+            out["link_watch"] = self._link_watch.state if self._link_watch else ""
+            out["link_events"] = self._link_watch.events if self._link_watch else 0
         if self.mode is not None and self.mode.name == "tc":
             out["stale_filters_removed"] = self.stale_filters_removed
         return out

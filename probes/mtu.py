@@ -68,7 +68,7 @@ class MtuProbe(Probe):
         self._worker = None
         self._audit_workers: dict = {}
         self.own_ino: int | None = None
-        self._links = None                  # daemon.linkwatch.LinkWatch
+        self._link_watch = None             # daemon.linkwatch.LinkWatch
         self._changed: tuple[float, float] | None = None  # (first, last) link event not yet audited
         self._polled_at = 0.0
         self.audits: dict[str, int] = {"interval": 0, "link_event": 0, "peer_change": 0}
@@ -97,12 +97,13 @@ class MtuProbe(Probe):
             self._ipr = IPRoute()
         self._worker.call(_open)
         from ..daemon.linkwatch import LinkWatch
-        self._links = LinkWatch(self._link_event, name="dpwatch-mtu-links")  # this thread's netns
+        self._link_watch = LinkWatch(self._link_event, name="dpwatch-mtu-links",  # this thread's netns
+                                     fallback="the audit runs every --mtu-audit-interval")
         self.run_audit()
 
     def close(self) -> None:
-        if self._links is not None:
-            self._links.stop()
+        if self._link_watch is not None:
+            self._link_watch.stop()
         if self.files:
             self.files.close()
             self.files = None
@@ -250,7 +251,7 @@ class MtuProbe(Probe):
                 "peer_read": mtuaudit.peer_read_mode(snap, bool(self.config.mtu_all_netns)),
                 **{f"peers_{k}": (snap.peers if snap else {}).get(k, 0) for k in ("read", "refused", "unnamed")},
                 "peer_error": (snap.peers if snap else {}).get("error", ""),
-                "link_watch": self._links.state if self._links else "not started",
+                "link_watch": self._link_watch.state if self._link_watch else "not started",
                 "audits": dict(self.audits)}
 
     # -- findings -----------------------------------------------------------------------------
