@@ -319,19 +319,17 @@ class Culprit:
 
     def evidence(self) -> dict[str, Any]:
         x, t = self.listener, self.tracked
-        ev: dict[str, Any] = {
-            "listener": x.endpoint, "effective_backlog": x.backlog, "queue_now": x.queue,
-            "full_now": x.full, "socket_drops_in_window": self.drops_in_window,
-            "capped_by_somaxconn": self.capped, "attributed_by": self.basis,
-            "queue_peak_seen": max(t.get("queue_peak", 0), x.queue),
-            "last_full_seconds_ago": 0.0 if x.full else t.get("last_full_seconds_ago"),
-        }
+        ev: dict[str, Any] = {"listener": x.endpoint, "process": None}
         if self.owners:
             ev["process"] = {"pid": self.owners[0][0], "comm": self.owners[0][1]}
             if len(self.owners) > 1:
                 ev["other_pids"] = [pid for pid, _ in self.owners[1:]]
-        else:
-            ev["process"] = None
+        ev.update({
+            "effective_backlog": x.backlog, "queue_now": x.queue, "full_now": x.full,
+            "capped_by_somaxconn": self.capped, "socket_drops_in_window": self.drops_in_window,
+            "attributed_by": self.basis, "queue_peak_seen": max(t.get("queue_peak", 0), x.queue),
+            "last_full_seconds_ago": 0.0 if x.full else t.get("last_full_seconds_ago"),
+        })
         return ev
 
 
