@@ -1,7 +1,7 @@
 """Unit tests of the listener reading and its pure logic (daemon/listeners.py): inet_diag
-messages built by hand in the kernel's layout and decoded by pyroute2, a fake /proc for the
-owner scan, the tracker's bounds, and the ranking and remediation over fake listener rows.
-The real kernel is exercised in tests/kernel/test_nodeaudit_kernel.py."""
+messages built by hand in the kernel's layout (pyroute2's decoder as the reference), a fake
+/proc for the owner scan, the tracker's bounds, and the ranking and remediation over fake
+listener rows. The real kernel is exercised in tests/kernel/test_nodeaudit_kernel.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import socket
 import struct
 
-from pyroute2.netlink.diag import inet_diag_msg
+import pytest
+from pyroute2.netlink.diag import inet_diag_msg, inet_diag_req
 
 from dpwatch.daemon import listeners as ls
 from dpwatch.daemon.listeners import Listener, ListenSample, ListenWindow
@@ -34,24 +35,44 @@ def diag_message(family: int, state: int, address: str, port: int, rqueue: int, 
     return struct.pack("=IHHII", 16 + len(body) + len(attr), 20, 2, 1, 0) + body + attr
 
 
-def decode(data: bytes):
-    msg = inet_diag_msg(data)
-    msg.decode()
-    return msg
+def parse(*messages: bytes) -> list[Listener]:
+    out: list[Listener] = []
+    assert ls.parse_diag_messages(b"".join(messages) + struct.pack("=IHHII", 20, 3, 2, 1, 0) + b"\0" * 4, out)
+    return out
 
 
-def test_from_diag_reads_queue_backlog_drops_and_address():
+def test_parse_diag_messages_reads_queue_backlog_drops_and_address():
     mem = struct.pack("=9I", 0, 131072, 0, 16384, 0, 0, 0, 0, 792)  # sk_drops is the 9th
-    v4 = ls.from_diag(decode(diag_message(socket.AF_INET, 10, "198.18.0.1", 9641, 2, 1, 4242, mem)))
+    m4 = diag_message(socket.AF_INET, 10, "198.18.0.1", 9641, 2, 1, 4242, mem)
+    m6 = diag_message(socket.AF_INET6, 10, "fd00:d9::1", 80, 3, 4, 7, None)
+    est = diag_message(socket.AF_INET, 1, "198.18.0.1", 80, 0, 0, 8, mem)  # not listening
+    short = diag_message(socket.AF_INET, 10, "0.0.0.0", 22, 0, 128, 9, mem[:16])
+    v4, v6, sh = parse(m4, m6, est, short)
     assert v4 == Listener("ipv4", "198.18.0.1", 9641, 4242, 2, 1, 792)
     assert v4.endpoint == "198.18.0.1:9641" and v4.full  # 2 > 1: listen(1) holds two
-    v6 = ls.from_diag(decode(diag_message(socket.AF_INET6, 10, "fd00:d9::1", 80, 3, 4, 7, None)))
     assert v6.endpoint == "[fd00:d9::1]:80" and v6.drops is None and not v6.full
-    # Not listening, or a meminfo too short to hold sk_drops.
-    assert ls.from_diag(decode(diag_message(socket.AF_INET, 1, "198.18.0.1", 80, 0, 0, 8, mem))) is None
-    short = ls.from_diag(decode(diag_message(socket.AF_INET, 10, "0.0.0.0", 22, 0, 128, 9, mem[:16])))
-    assert short.drops is None and short.backlog == 128
-    assert ls.skmeminfo_drops(mem) == 792 and ls.skmeminfo_drops(None) is None
+    assert sh.drops is None and sh.backlog == 128  # a meminfo too short to hold sk_drops
+    # pyroute2's own decoder reads the same bytes the same way.
+    ref = inet_diag_msg(m4)
+    ref.decode()
+    assert (ref["idiag_src"], ref["idiag_sport"], ref["idiag_rqueue"], ref["idiag_wqueue"],
+            ref["idiag_inode"]) == ("198.18.0.1", 9641, 2, 1, 4242)
+    out: list[Listener] = []
+    assert not ls.parse_diag_messages(m4, out) and len(out) == 1  # no NLMSG_DONE yet
+    with pytest.raises(OSError):
+        ls.parse_diag_messages(struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -95) + b"\0" * 16, [])
+    with pytest.raises(ValueError, match="truncated"):
+        ls.parse_diag_messages(m4[:40], [])
+
+
+def test_dump_request_asks_for_tcp_listeners_with_meminfo():
+    req = ls.dump_request(socket.AF_INET6)
+    length, mtype, flags, _seq, _pid = struct.unpack_from("=IHHII", req)
+    assert (length, mtype, flags) == (len(req), 20, 0x301) and len(req) == 16 + 56
+    ref = inet_diag_req(req)
+    ref.decode()
+    assert ref["sdiag_family"] == socket.AF_INET6 and ref["sdiag_protocol"] == socket.IPPROTO_TCP
+    assert ref["idiag_states"] == 1 << 10 and ref["idiag_ext"] == 1 << 6
 
 
 def _fake_proc(tmp_path, procs: dict[int, tuple[str, list[str]]]) -> str:
