@@ -494,6 +494,7 @@ class Result:
     evidence: dict[str, Any]
     remediation: list[str]
     impact: float = 0.0
+    claims: tuple[str, ...] = ()  # evidence keys the headline asserts (see probes/base.py Finding)
 
 
 def _mib(n: float) -> str:
@@ -614,9 +615,10 @@ def check_listen_overflow(lw: ListenWindow | None) -> Result | None:
     if unseen:
         ev["owner_note"] = (f"no process in the daemon's /proc holds {', '.join(unseen)}: its owner runs "
                             "in another pid namespace (the DaemonSet has no hostPID)")
-    return Result("node.listen_queue_overflow", "critical" if critical else "warning",
-                  "A listener's accept queue overflows", summary, ev,
-                  listeners.remediation(found, somax), impact=float(refused))
+    title, claim = (("A listener's accept queue overflows", "listen_overflows_in_window") if lw.overflows
+                    else ("Listeners drop connection attempts", "listen_drops_in_window"))
+    return Result("node.listen_queue_overflow", "critical" if critical else "warning", title, summary, ev,
+                  listeners.remediation(found, somax), impact=float(refused), claims=(claim,))
 
 
 def check_ports(f: Facts) -> Result | None:

@@ -270,7 +270,7 @@ class NodeProbe(Probe):
             rate_impact = window.rate(r.impact) if r.id in EVENT_IMPACT else 0.0
             out.append(Finding(id=r.id, probe=self.name, severity=r.severity, title=r.title,
                                summary=r.summary, evidence=ev, remediation=r.remediation,
-                               impact=rate_impact))
+                               impact=rate_impact, claims=r.claims))
         return out
 
 

@@ -207,6 +207,7 @@ def test_listen_overflow_severity_and_what_it_cannot_name():
     # SYNs dropped with no accept queue full.
     r = na.check_listen_overflow(listen_window([], overflows=0, drops=7, passive_opens=100))
     assert r.summary.startswith("7 connection attempts were dropped before reaching a listener's accept queue")
+    assert r.title == "Listeners drop connection attempts" and r.claims == ("listen_drops_in_window",)
 
 
 def test_somaxconn_ports_and_tw_reuse():
