@@ -187,7 +187,8 @@ def socket_owners(inodes: Iterable[int], proc: str = "/proc", max_fds: int = OWN
     """Processes holding each socket inode, from the /proc/PID/fd links ("socket:[INODE]"):
     ({inode: [(pid, comm), ...] lowest pids first, at most ``per_socket``}, fds read, whether
     the scan stopped at ``max_fds``). Only what this /proc shows: in another pid namespace
-    (a container without hostPID) the host's processes are not there."""
+    (a container without hostPID) the host's processes are not there, and another user's fd
+    links need CAP_SYS_PTRACE (EACCES without it: skipped)."""
     want = {f"socket:[{int(i)}]": int(i) for i in inodes}
     found: dict[int, list[tuple[int, str]]] = {i: [] for i in want.values()}
     if not want:

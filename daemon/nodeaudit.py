@@ -613,8 +613,9 @@ def check_listen_overflow(lw: ListenWindow | None) -> Result | None:
             ev["read_error"] = sample.error
     unseen = [c.listener.endpoint for c in found[:listeners.NAMED_MAX] if c.owners == []]
     if unseen:
-        ev["owner_note"] = (f"no process in the daemon's /proc holds {', '.join(unseen)}: its owner runs "
-                            "in another pid namespace (the DaemonSet has no hostPID)")
+        ev["owner_note"] = (f"no process the daemon can see holds {', '.join(unseen)}: its owner runs in "
+                            "another pid namespace (the DaemonSet has no hostPID), or as another user "
+                            "(reading its /proc/PID/fd needs CAP_SYS_PTRACE)")
     title, claim = (("A listener's accept queue overflows", "listen_overflows_in_window") if lw.overflows
                     else ("Listeners drop connection attempts", "listen_drops_in_window"))
     return Result("node.listen_queue_overflow", "critical" if critical else "warning", title, summary, ev,
