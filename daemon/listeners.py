@@ -253,9 +253,9 @@ class Track:
 
 class Tracker:
     """What samples of the listeners showed, per socket (inode), bounded: at most ``cap``
-    sockets are remembered (those seen with connections queued or drops counted); one more
-    is counted in ``untracked``. An entry goes when its socket closes, or when nothing was
-    queued on it for ``horizon`` seconds (the longest report window)."""
+    sockets are remembered (those seen with connections queued or drops counted); those the
+    last sample could not add are counted in ``untracked``. An entry goes when its socket
+    closes, or when nothing was queued on it for ``horizon`` seconds (the longest window)."""
 
     def __init__(self, cap: int = TRACKED_MAX, horizon: float = 3600.0):
         self.cap, self.horizon = cap, horizon
@@ -270,6 +270,7 @@ class Tracker:
                       if i not in live or now - max(t.peak_at, t.last_full_at or 0.0) > self.horizon]:
             del self.tracks[inode]
         hot: set[int] = set()
+        self.untracked = 0
         for x in listeners:
             t = self.tracks.get(x.inode)
             if t is None:

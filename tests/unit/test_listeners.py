@@ -110,6 +110,7 @@ def test_tracker_remembers_full_listeners_bounded():
     assert t.observe(5.0, [L(80, 0, 128, drops=50), L(81, 2, 1), L(82, 1, 4)]) == {81}  # full now
     assert t.untracked == 1  # 82 would be a third
     assert t.observe(10.0, [L(80, 3, 128, drops=51), L(81, 0, 1)]) == {80}  # its drops grew
+    assert t.untracked == 0  # counted per sample, not summed
     v = t.view(12.0)
     assert v[81] == {"queue_peak": 2, "queue_peak_seconds_ago": 7.0, "last_full_seconds_ago": 7.0,
                      "full_samples": 1}
