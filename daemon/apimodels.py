@@ -30,11 +30,30 @@ class ProbeState(BaseModel):
     events_lost: dict[str, int] | None = None        # attached probes: lost events by stage
 
 
+class NotrackState(BaseModel):
+    """The nftables table that keeps the listen port out of conntrack (daemon/notrack.py)."""
+    state: Literal["active", "off", "failed", "not started"]
+    table: str
+    port: int
+    owner: bool
+    rules: list[str]
+    reason: str
+
+
+class UnixSocketState(BaseModel):
+    """The API's unix socket (daemon/unixsock.py)."""
+    state: Literal["listening", "off", "failed", "not started"]
+    path: str
+    reason: str
+
+
 class ProbesBody(BaseModel):
     kernel: str
     features: dict[str, Any]
     compile_seconds: float
     probes: list[ProbeState]
+    notrack: NotrackState | None = None          # `dpwatch run` only
+    unix_socket: UnixSocketState | None = None   # `dpwatch run` only
 
 
 class FindingBody(BaseModel):

@@ -62,7 +62,9 @@ def wants_json(fmt: str | None, accept: str) -> bool:
     return report_format(fmt, accept) == "json"
 
 
-def create_app(daemon, web=None) -> FastAPI:
+def create_app(daemon, web=None, status=None) -> FastAPI:
+    """``status``: a callable whose dict joins the /probes body (`dpwatch run` gives the
+    notrack table's and the unix socket's)."""
     # No /docs or /redoc (they load scripts from a CDN); the spec itself is at /openapi.json.
     app = FastAPI(title="dpwatch", version=__version__, docs_url=None, redoc_url=None,
                   description="Per-node eBPF datapath observer: metrics, probe status and a triage report.")
@@ -97,10 +99,13 @@ def create_app(daemon, web=None) -> FastAPI:
 
     @app.get("/probes", response_model=None, responses={200: {"model": M.ProbesBody}, **M.GUARDED})
     def probes() -> dict[str, Any]:
-        return {"kernel": daemon.features.kernel_release,
+        body = {"kernel": daemon.features.kernel_release,
                 "features": daemon.features.summary(),
                 "compile_seconds": round(daemon.manager.compile_seconds, 3),
                 "probes": daemon.manager.statuses()}
+        if status is not None:
+            body.update(status())
+        return body
 
     @app.get("/diagnose", responses={200: {"model": M.ReportBody, "content": M.TEXT}, **M.BAD_PARAM,
                                      **M.GUARDED})

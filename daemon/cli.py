@@ -32,6 +32,7 @@ commands:
   run        start the daemon: HTTP on --listen with /metrics, /diagnose, /probes, /healthz, /readyz
   check      preflight: detect kernel features, load every probe once, print a table, exit
   diagnose   one-shot: load the probes, watch for --window, print the same report as /diagnose
+             (when the daemon's unix socket exists: that daemon's report, asked over it)
 """
 
 EPILOG = f"""\
@@ -44,6 +45,7 @@ examples:
   dpwatch check                              # which probes can load on this kernel, and why not
   dpwatch diagnose --window 30s --format json
   dpwatch diagnose --url http://node:9400     # a running daemon's report, rendered here
+  dpwatch diagnose --unix-socket ''          # one-shot here even when a daemon runs
 
 probes: {', '.join(probe_names())}
 
@@ -70,10 +72,10 @@ def _opt(group, flag: str, kind: type, default, help: str) -> None:
     group.add_argument(f"--{flag}", type=kind, default=default, help=help)
 
 
-def _env_bool(name: str) -> bool:
+def _env_bool(name: str, default: bool = False) -> bool:
     value = _env(name)
     if value is None:
-        return False
+        return default
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
     if value.strip().lower() in ("0", "false", "no", "off", ""):
@@ -199,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(h, "max-series-per-metric", int, d.max_series_per_metric,
          help="series per metric; more fold into label value \"other\" and count in "
               "dpwatch_series_overflow_total (default: %(default)s)")
+    r = run.add_argument_group("reachable while the conntrack table is full")
+    r.add_argument("--notrack", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the --listen port out of conntrack with an nftables table of its own "
+                        "(inet dpwatch: raw-priority prerouting and output chains, removed at exit), "
+                        "so the daemon answers while the table is full (default: on)")
+    r.add_argument("--unix-socket", default=_env("unix-socket", d.unix_socket), metavar="PATH",
+                   help="serve the same API on this unix socket too (mode 0600; no netfilter on "
+                        "the way; `dpwatch diagnose` asks it); '' turns it off (default: %(default)s)")
     _opt(run, "synthetic-series", int, 0, help=argparse.SUPPRESS)  # benchmark: N extra series to load the collector
 
     sub.add_parser("check", parents=[common], help="preflight: which probes load here, and why not",
@@ -216,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "http://node:9400 (its /diagnose?format=json, rendered locally; "
                            "user:password@ in the URL for basic auth, DPWATCH_DIAGNOSE_TOKEN for "
                            "the /diagnose token)")
+    diag.add_argument("--unix-socket", "--socket", dest="unix_socket", metavar="PATH",
+                      default=_env("unix-socket", d.unix_socket),
+                      help="without --url: when this socket exists, print the report of the daemon "
+                           "serving on it; else (or with '') load the probes here, one-shot "
+                           "(default: %(default)s)")
     return parser
 
 
@@ -316,7 +331,10 @@ def config_from_args(args) -> Config:
         cfg.diagnose_token = read_token(args.diagnose_token, args.diagnose_token_file)
         cfg.max_concurrent_requests = args.max_concurrent_requests
         cfg.max_series_per_metric = args.max_series_per_metric
+        cfg.notrack = bool(args.notrack) if args.notrack is not None else _env_bool("notrack", True)
+        cfg.unix_socket = args.unix_socket
     elif args.command == "diagnose":
+        cfg.unix_socket = args.unix_socket
         cfg.report_format = args.format
         cfg.report_url = args.url
         cfg.report_window_given = args.window is not None
@@ -364,14 +382,44 @@ def cmd_check(cfg) -> int:
 EX_UNREACHABLE = 69  # diagnose --url: the daemon could not be reached or gave no report
 
 
-def fetch_report(url: str, window: float | None, timeout: float = 30.0) -> dict:
-    """GET <url>/diagnose?format=json from a running daemon. Raises ConfigError for answers
-    that say the request was wrong (4xx), OSError when the daemon cannot be reached or
-    gives no report."""
+class DaemonAbsent(OSError):
+    """Nothing listens on the unix socket (a file left by a daemon that was killed)."""
+
+
+def _url_get(full: str, headers: dict, timeout: float) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(urllib.request.Request(full, headers=headers), timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _unix_get(path: str, target: str, headers: dict, timeout: float) -> tuple[int, bytes]:
+    from .unixsock import UnixHTTPConnection
+    conn = UnixHTTPConnection(path, timeout=timeout)
+    try:
+        try:
+            conn.connect()
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise DaemonAbsent(exc.errno, f"no daemon listens on {path}") from None
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def fetch_report(url: str, window: float | None, timeout: float = 30.0, unix_socket: str = "") -> dict:
+    """GET <url>/diagnose?format=json from a running daemon, or /diagnose on its unix socket
+    when ``unix_socket`` is given. Raises ConfigError for answers that say the request was
+    wrong (4xx), DaemonAbsent when nothing listens on the unix socket, OSError when the
+    daemon cannot be reached or gives no report."""
     import base64
+    import http.client
     import urllib.error
     import urllib.parse
-    import urllib.request
     parts = urllib.parse.urlsplit(url)
     path = parts.path.rstrip("/")
     if not path.endswith("/diagnose"):
@@ -393,21 +441,27 @@ def fetch_report(url: str, window: float | None, timeout: float = 30.0) -> dict:
     if token:
         headers["X-Dpwatch-Token"] = token
     try:
-        with urllib.request.urlopen(urllib.request.Request(full, headers=headers), timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
+        if unix_socket:
+            target = f"{path}?{urllib.parse.urlencode(query)}"
+            full = f"unix socket {unix_socket}"
+            code, body = _unix_get(unix_socket, target, headers, timeout)
+        else:
+            code, body = _url_get(full, headers, timeout)
+    except DaemonAbsent:
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OSError(f"cannot reach the daemon at {full}: {reason}") from None
+    if code >= 400:
+        detail = body.decode(errors="replace")
         try:
             detail = json.loads(detail).get("error", detail)
         except (ValueError, AttributeError):
             pass
-        msg = f"{full} answered {exc.code}: {str(detail).strip()[:300]}"
-        if 400 <= exc.code < 500 and exc.code not in (401, 403):
+        msg = f"{full} answered {code}: {str(detail).strip()[:300]}"
+        if 400 <= code < 500 and code not in (401, 403):
             raise ConfigError(msg) from None
         raise OSError(msg) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise OSError(f"cannot reach the daemon at {full}: {reason}") from None
     try:
         report = json.loads(body)
         report["status"], report["findings"]  # noqa: B018  the shape a report has
@@ -427,13 +481,18 @@ def print_report(report: dict, fmt: str) -> None:
         sys.stdout.write(render_text(report))
 
 
-def cmd_diagnose_url(cfg) -> int:
+def cmd_diagnose_url(cfg, unix_socket: str = "") -> int:
+    """The report of a running daemon: at --url, or on its unix socket. Over the socket, a
+    file that nothing listens on raises DaemonAbsent (the caller runs a one-shot instead)."""
     from .triage import EXIT_CODES
-    if not cfg.report_url.startswith(("http://", "https://")):
+    if not unix_socket and not cfg.report_url.startswith(("http://", "https://")):
         print(f"dpwatch: error: --url: {cfg.report_url!r} is not an http:// or https:// URL", file=sys.stderr)
         return EX_USAGE
     try:
-        report = fetch_report(cfg.report_url, cfg.default_window if cfg.report_window_given else None)
+        report = fetch_report(cfg.report_url or "http://localhost", cfg.default_window if cfg.report_window_given
+                              else None, unix_socket=unix_socket)
+    except DaemonAbsent:
+        raise
     except ConfigError as exc:
         print(f"dpwatch: error: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -482,7 +541,15 @@ def _server_class():
     class _Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM after its graceful shutdown, which would kill the process
         before the probes are detached and make it exit 143. Handle the signals here instead:
-        stop serving, then return so the caller detaches the probes and exits 0."""
+        stop serving, then return so the caller detaches the probes and exits 0.
+        ``after_startup`` (an async callable given the server) runs once the TCP port is bound."""
+
+        after_startup = None
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and self.after_startup is not None:
+                await self.after_startup(self)
 
         async def main_loop(self) -> None:
             """uvicorn wakes 10 times a second for housekeeping (the Date header, the exit
@@ -531,7 +598,11 @@ def cmd_run(cfg) -> int:
         print(f"dpwatch: error: {exc}", file=sys.stderr)
         daemon.stop()
         return EX_USAGE
-    app = create_app(daemon, web)
+    from .notrack import NotrackTable
+    from .unixsock import UnixListener
+    notrack = NotrackTable(port, enabled=cfg.notrack)
+    unix = UnixListener(cfg.unix_socket)
+    app = create_app(daemon, web, status=lambda: {"notrack": notrack.status(), "unix_socket": unix.status()})
     # Start-up objects (imports, the app) live for the whole run: keep the garbage collector
     # from walking them again on every full collection (shorter pauses in scrapes).
     gc.collect()
@@ -555,6 +626,7 @@ def cmd_run(cfg) -> int:
                              ssl_keyfile=tls.key_file if tls else None))
     log.info("serving on %s://%s:%d (/metrics /diagnose /probes /healthz /readyz)",
              "https" if tls else "http", host, port)
+    server.after_startup = lambda srv: reachable(srv, app, notrack, unix)
     strict = {"rc": 0, "stop": threading.Event()}
     if cfg.strict:
         threading.Thread(target=strict_watch, args=(daemon, server, strict), name="dpwatch-strict",
@@ -568,12 +640,32 @@ def cmd_run(cfg) -> int:
         pass  # uvicorn exits this way when it cannot bind; reported below
     finally:
         strict["stop"].set()
+        notrack.stop()
+        unix.close()
         daemon.stop()
         log.info("stopped: probes detached")
     if not server.started:
         log.error("could not serve HTTP on %s (see the error above)", cfg.listen)
         return EX_SERVE
     return strict["rc"]
+
+
+async def reachable(server, app, notrack, unix) -> None:
+    """Once the TCP port is bound (its real number, also for --listen HOST:0): keep it out of
+    conntrack, and serve the same app on the unix socket. Neither ever stops the daemon."""
+    notrack.port = server.servers[0].sockets[0].getsockname()[1]
+    notrack.start()
+    sock = unix.open()
+    if sock is None:
+        return
+    try:
+        from .unixsock import serve_on
+        await serve_on(server, sock, app)
+        log.info("serving on unix socket %s (mode 0600)", unix.path)
+    except Exception as exc:
+        log.error("unix socket: cannot serve on %s: %s", unix.path, exc)
+        unix.close()
+        unix.state, unix.reason = "failed", str(exc)
 
 
 TLS_RELOAD_INTERVAL = 5.0  # seconds between checks of the certificate files
@@ -625,6 +717,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "diagnose" and cfg.report_url:
         return cmd_diagnose_url(cfg)  # no probes here: neither root nor BPF needed
+    if args.command == "diagnose" and cfg.unix_socket:
+        from .unixsock import is_socket
+        if is_socket(cfg.unix_socket):  # the daemon on this node: its report, over no netfilter
+            log.info("asking the daemon on %s", cfg.unix_socket)
+            try:
+                return cmd_diagnose_url(cfg, cfg.unix_socket)
+            except DaemonAbsent:
+                print(f"dpwatch: no daemon listens on {cfg.unix_socket} (left by a daemon that was "
+                      "killed?); running a one-shot report here", file=sys.stderr)
     if os.geteuid() != 0:
         print("dpwatch: warning: not root; loading BPF needs CAP_BPF, CAP_PERFMON and "
               "CAP_SYS_ADMIN (or root)", file=sys.stderr)

@@ -29,6 +29,23 @@ def parse_duration(text: str, name: str = "duration") -> float:
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
+DEFAULT_UNIX_SOCKET = "/run/dpwatch/dpwatch.sock"
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes, with the terminating NUL
+
+
+def check_unix_socket(path: str, flag: str = "--unix-socket") -> str:
+    """'' (off) or an absolute path short enough for sun_path. Raises ConfigError."""
+    if not path:
+        return ""
+    if not path.startswith("/") or "\0" in path:
+        raise ConfigError(f"{flag}: {path!r} is not an absolute path ('' turns the socket off)")
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"{flag}: {path!r} is longer than the {UNIX_PATH_MAX} bytes a unix socket path can have")
+    if path.endswith("/"):
+        raise ConfigError(f"{flag}: {path!r} names a directory, not a socket file")
+    return path
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """'0.0.0.0:9400', ':9400', '[::]:9400', '127.0.0.1:0' -> (host, port)."""
     m = re.match(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$", text.strip())
@@ -133,6 +150,9 @@ class Config:
     diagnose_token: str = field(default="", repr=False)  # or a token (X-Dpwatch-Token / Bearer)
     max_concurrent_requests: int = 16
     max_series_per_metric: int = 2000
+    # Reachable while the conntrack table is full (daemon/notrack.py, daemon/unixsock.py)
+    notrack: bool = True          # nftables table inet dpwatch: the listen port kept out of conntrack
+    unix_socket: str = DEFAULT_UNIX_SOCKET  # the API on a unix socket too ('' = off); diagnose asks it
 
     def validate(self) -> "Config":
         parse_listen(self.listen)
@@ -207,6 +227,7 @@ class Config:
             raise ConfigError(f"--max-concurrent-requests: {self.max_concurrent_requests} is outside 1..4096")
         if not 1 <= self.max_series_per_metric <= 1_000_000:
             raise ConfigError(f"--max-series-per-metric: {self.max_series_per_metric} is outside 1..1000000")
+        self.unix_socket = check_unix_socket(self.unix_socket)
         if self.web_config_file:
             from .httpsec import load_web_config
             load_web_config(self.web_config_file)  # raises ConfigError naming the problem

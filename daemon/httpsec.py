@@ -22,7 +22,9 @@ CLI turns into exit 64 before anything touches the kernel.
 Order inside a request (``SecurityMiddleware``, plain ASGI): the concurrency limit (503), basic
 auth (401), then the /diagnose and /probes restriction (403/401). /healthz is never limited or
 authenticated, and /readyz is never authenticated (a kubelet probe carries no credentials;
-both say only "ok"/"ready"). Nothing here runs a command or writes a file.
+both say only "ok"/"ready"). Requests over the unix socket (daemon/unixsock.py) skip basic
+auth and the restriction: its file mode (0600, root) guards it. Nothing here runs a command or
+writes a file.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ RESTRICTED_PREFIXES = ("/diagnose", "/probes")
 NO_AUTH_PATHS = frozenset({"/healthz", "/readyz"})
 NO_LIMIT_PATHS = frozenset({"/healthz"})
 TOKEN_HEADER = "x-dpwatch-token"
+# Set in the scope of requests that came over the unix socket (daemon/unixsock.py). Its file
+# mode (0600, root) is its access control: basic auth and the /diagnose restriction, which
+# guard the TCP port, do not apply to it. The concurrency limit does.
+UNIX_PEER = "dpwatch.unix_peer"
 
 _TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                  "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
@@ -379,6 +385,8 @@ class SecurityMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def _deny(self, scope, path: str):
+        if scope.get(UNIX_PEER):
+            return None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.auth is not None and path not in NO_AUTH_PATHS:
             creds = BasicAuth.parse(headers.get("authorization"))

@@ -38,6 +38,8 @@ arch="$(dpkg --print-architecture)"
 release="$(uname -r)"
 
 pkgs=(python3 python3-venv python3-pip python3-bpfcc iproute2 nftables conntrack kmod bpftool curl ca-certificates)
+# libnftables for Python: the daemon's own nftables table (--notrack: its port kept out of conntrack)
+pkgs+=(python3-nftables)
 if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
   # promtool; the bench (its smoke run is part of the tests): trafgen, sockperf, node-exporter
   pkgs+=(prometheus dnsmasq-base netsniff-ng sockperf prometheus-node-exporter)
