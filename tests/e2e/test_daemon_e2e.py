@@ -21,14 +21,17 @@ PORT = 9400
 
 class DaemonProc:
     """`dpwatch run` in netns ``ns`` (None: the test's own netns) on 127.0.0.1:``port``, with a
-    1 s snapshot interval and ``extra`` flags. ``wrap`` rewrites the command before it runs
-    (e.g. under capsh). stop() sends SIGTERM and returns the exit code."""
+    1 s snapshot interval, its unix socket at ``socket_path`` (its own, not the default one a
+    one-shot `dpwatch diagnose` would ask) and ``extra`` flags. ``wrap`` rewrites the command
+    before it runs (e.g. under capsh). stop() sends SIGTERM and returns the exit code."""
 
     def __init__(self, dpwatch_bin: str, ns: str | None, port: int = PORT, *extra: str,
                  wrap: Callable[[list[str]], list[str]] | None = None):
         self.ns, self.port = ns, port
         self.log = open(f"/tmp/dpwatch-e2e-{ns or 'host'}-{port}.log", "w+")
-        cmd = [dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}", "--snapshot-interval", "1s", *extra]
+        self.socket_path = f"/tmp/dpwatch-e2e-{ns or 'host'}-{port}.sock"
+        cmd = [dpwatch_bin, "run", "--listen", f"127.0.0.1:{port}", "--snapshot-interval", "1s",
+               "--unix-socket", self.socket_path, *extra]
         cmd = wrap(cmd) if wrap else cmd
         self.proc = subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -76,7 +79,9 @@ def start_diagnose(argv: list[str]) -> subprocess.Popen:
     """Start a `dpwatch diagnose` command line and return once its probes are loaded and the
     watch has begun (compile time varies a lot: ~1.5 s here, ~35 s in an emulated guest
     kernel). Its stdout (the report) and the rest of stderr are left to communicate()."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # One-shot even while a daemon serves on the default unix socket.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DPWATCH_UNIX_SOCKET": ""})
     seen = []
     for line in proc.stderr:
         seen.append(line)
