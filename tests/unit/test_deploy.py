@@ -129,8 +129,14 @@ def test_daemonset_mounts_probes_and_env():
         assert mounts[path]["readOnly"] is True, path
         assert vols[mounts[path]["name"]]["hostPath"]["path"] == path
     assert "emptyDir" in vols[mounts["/tmp"]["name"]] and not mounts["/tmp"].get("readOnly")
-    # every mount that is not /tmp is read-only
-    assert all(m.get("readOnly") for p, m in mounts.items() if p != "/tmp")
+    # The unix socket's directory, from the host, so a shell on the node finds the socket
+    # (the daemon's default --unix-socket /run/dpwatch/dpwatch.sock).
+    from dpwatch.daemon.config import DEFAULT_UNIX_SOCKET
+    run = mounts["/run/dpwatch"]
+    assert DEFAULT_UNIX_SOCKET.startswith("/run/dpwatch/") and not run.get("readOnly")
+    assert vols[run["name"]]["hostPath"] == {"path": "/run/dpwatch", "type": "DirectoryOrCreate"}
+    # every other mount is read-only
+    assert all(m.get("readOnly") for p, m in mounts.items() if p not in ("/tmp", "/run/dpwatch"))
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
