@@ -135,6 +135,10 @@ def test_daemonset_mounts_probes_and_env():
     run = mounts["/run/dpwatch"]
     assert DEFAULT_UNIX_SOCKET.startswith("/run/dpwatch/") and not run.get("readOnly")
     assert vols[run["name"]]["hostPath"] == {"path": "/run/dpwatch", "type": "DirectoryOrCreate"}
+    # The pods' netns files, for naming the pod end of a veth: read-only, new pods propagated.
+    ns = mounts["/run/netns"]
+    assert ns["readOnly"] is True and ns["mountPropagation"] == "HostToContainer"
+    assert vols[ns["name"]]["hostPath"]["path"] == "/run/netns"
     # every other mount is read-only
     assert all(m.get("readOnly") for p, m in mounts.items() if p not in ("/tmp", "/run/dpwatch"))
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
