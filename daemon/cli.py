@@ -264,7 +264,7 @@ def _dns_flags(common: argparse.ArgumentParser, d: Config) -> None:
     _opt(g, "dns-nxdomain-percent", float, d.dns_nxdomain_percent,
          help="NXDOMAIN, in %% of responses, that raise dns.nxdomain_rate (default: %(default)s)")
     _opt(g, "dns-search-nxdomain-min", int, d.dns_search_nxdomain_min,
-         help="NXDOMAIN answers for one name across search suffixes in a window that raise "
+         help="NXDOMAIN answers of search-list walks (all names together) in a window that raise "
               "dns.search_path_amplification (default: %(default)s)")
     g.add_argument("--dns-cluster-domain", default=_env("dns-cluster-domain", d.dns_cluster_domain),
                    help="the cluster's DNS domain, for search-path detection (default: %(default)s)")

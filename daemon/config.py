@@ -129,7 +129,7 @@ class Config:
     dns_timeout_percent: float = 1.0      # timeouts (% of queries) that raise dns.timeouts
     dns_error_percent: float = 1.0        # SERVFAIL+REFUSED (% of responses) that raise dns.errors
     dns_nxdomain_percent: float = 20.0    # NXDOMAIN (% of responses) that raise dns.nxdomain_rate
-    dns_search_nxdomain_min: int = 10     # NXDOMAIN per name in a window for search-path amplification
+    dns_search_nxdomain_min: int = 10     # NXDOMAIN of all search-list walks in a window: amplification
     dns_cluster_domain: str = "cluster.local"
     dns_resolv_conf: str = "/etc/resolv.conf"  # the node's search list is read from here
     node_audit_interval: float = 60.0    # how often the node audit runs (sampler thread)

@@ -237,8 +237,10 @@ class Amplification:
 
 def find_amplification(nx_counts: dict[str, float], cluster_domain: str, search: Iterable[str],
                        min_nxdomain: int) -> list[Amplification]:
-    """Bases whose NXDOMAIN answers in a window come from two or more search suffixes, and
-    that add up to at least ``min_nxdomain``: the resolver walked its search list (ndots).
+    """Bases whose NXDOMAIN answers in a window come from two or more search suffixes (the
+    resolver walked its search list: ndots), when these walks add up to at least
+    ``min_nxdomain``. The sum is over every walked base, not per base: a pod resolving ten
+    external names once each wastes as many queries as one resolving one name ten times.
 
     Each name goes to the base whose candidate group spans the most suffixes (then the most
     answers), so a walk over default.svc.., svc.. and cluster.local is one group even though
@@ -263,9 +265,11 @@ def find_amplification(nx_counts: dict[str, float], cluster_domain: str, search:
         groups[base][suf] = groups[base].get(suf, 0) + int(nx_counts[name])
     out = []
     for base, sufs in groups.items():
-        total = sum(sufs.values())
-        if len(sufs) >= 2 and total >= min_nxdomain:
-            out.append(Amplification(base, dict(sorted(sufs.items(), key=lambda kv: (-kv[1], kv[0]))), total))
+        if len(sufs) >= 2:
+            out.append(Amplification(base, dict(sorted(sufs.items(), key=lambda kv: (-kv[1], kv[0]))),
+                                     sum(sufs.values())))
+    if sum(a.nxdomain for a in out) < min_nxdomain:
+        return []
     out.sort(key=lambda a: (-a.nxdomain, a.base))
     return out
 

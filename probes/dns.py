@@ -876,20 +876,23 @@ class DnsProbe(Probe):
                     nx_names[name] = nx_names.get(name, 0) + n
             amp = dn.find_amplification(nx_names, cfg.dns_cluster_domain, self.search_list,
                                         int(cfg.dns_search_nxdomain_min))
-            if amp:
-                wasted = sum(a.nxdomain for a in amp)
-                shown = [{"name": self.privacy(a.base),
-                          "suffixes": {self._suffix_text(s): c for s, c in a.suffixes.items()},
+            wasted = sum(a.nxdomain for a in amp)
+            # The walks must also be a real share of the answers (the NXDOMAIN rule's share
+            # and sample-size test): a few walks among many answers is ndots:5 as usual.
+            if amp and share_exceeds(wasted, responses, cfg.dns_nxdomain_percent / 100):
+                shown = [{"name": self.privacy(a.base), "suffixes": self._suffix_counts(a.suffixes),
                           "nxdomain": a.nxdomain} for a in amp[:8]]
                 ev = dict(base_ev)
                 ev.update({"wasted_queries": int(wasted), "wasted_per_second": round(window.rate(wasted), 3),
                            "names": shown, "search_list": [self._suffix_text(s) for s in self.search_list],
+                           "wasted_percent": pct(wasted, responses), "threshold_percent": cfg.dns_nxdomain_percent,
                            "cluster_domain": cfg.dns_cluster_domain, "threshold_nxdomain": cfg.dns_search_nxdomain_min})
                 top = shown[0]["name"]
                 findings.append(Finding(
                     id="dns.search_path_amplification", probe=self.name, severity="warning",
                     title="DNS search-path amplification (ndots)", claims=("wasted_queries",),
-                    summary=(f"{int(wasted)} NXDOMAIN answers in {window.seconds:.0f}s came from "
+                    summary=(f"{int(wasted)} NXDOMAIN answers in {window.seconds:.0f}s ({ev['wasted_percent']}% "
+                             f"of {int(responses)}) came from "
                              f"resolvers walking their search list for {len(amp)} name(s) (top: {top}, "
                              f"{amp[0].nxdomain} NXDOMAIN over {len(amp[0].suffixes)} suffixes). With "
                              "Kubernetes' ndots:5 every name with fewer than 5 dots is tried under each "
@@ -911,8 +914,27 @@ class DnsProbe(Probe):
         return findings
 
     def _suffix_text(self, suffix: str) -> str:
-        # Search suffixes are cluster configuration, but <ns>.svc.<domain> names a namespace.
-        return suffix if self.privacy.mode == "full" else (self.privacy(suffix) or "")
+        """svc.<domain> and <domain> are cluster configuration, shown as they are (under suffix
+        mode both used to read "*.<domain>", so a walk's counts no longer added up);
+        <ns>.svc.<domain> names a namespace: "*.svc.<domain>" under suffix mode. Other
+        suffixes (the node's search list) go through the privacy mode like names."""
+        if self.privacy.mode == "full":
+            return suffix
+        cd = self.config.dns_cluster_domain.strip(".").lower()
+        s = suffix.strip(".").lower()
+        if s in (cd, f"svc.{cd}"):
+            return s
+        if s.endswith(f".svc.{cd}") and self.privacy.mode == "suffix":
+            return f"*.svc.{cd}"
+        return self.privacy(suffix) or ""
+
+    def _suffix_counts(self, suffixes: dict[str, int]) -> dict[str, int]:
+        """NXDOMAINs per shown suffix: two namespaces' suffixes hidden alike add up."""
+        out: dict[str, int] = {}
+        for s, c in suffixes.items():
+            key = self._suffix_text(s)
+            out[key] = out.get(key, 0) + c
+        return out
 
     def _top_names(self, names: dict, rcode: str | None, n: int) -> list[dict]:
         if self.privacy.mode == "off":

@@ -123,7 +123,7 @@ UNBOUND_CONF = """server:
   local-zone: "." static
   local-zone: "ok.test." static
   local-data: "ok.test. 60 IN A {ok}"
-remote-control:
+{extra}remote-control:
   control-enable: no
 """
 
@@ -134,11 +134,13 @@ class Unbound(_Proc):
 
     available = shutil.which("unbound") is not None or os.path.exists("/usr/sbin/unbound")
 
-    def __init__(self, ns: str, addr: str, port: int = 53):
+    def __init__(self, ns: str, addr: str, port: int = 53, extra: str = ""):
+        """``extra``: more configuration, after the server clause's own lines (server options,
+        or whole clauses such as a stub-zone)."""
         self.dir = tempfile.mkdtemp(prefix="dpw-unbound-")
         conf = os.path.join(self.dir, "unbound.conf")
         with open(conf, "w") as f:
-            f.write(UNBOUND_CONF.format(addr=addr, port=port, dir=self.dir, ok=OK_A))
+            f.write(UNBOUND_CONF.format(addr=addr, port=port, dir=self.dir, ok=OK_A, extra=extra))
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, shutil.which("unbound") or "/usr/sbin/unbound",
                                       "-d", "-c", conf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
@@ -260,6 +262,21 @@ def queries(ns: str, server: str, names: list[tuple[str, str]], timeout: float =
     seen: collections.Counter = collections.Counter()
     for name, qtype in names:
         seen[query(ns, server, name, qtype, timeout, port) or "timeout"] += 1
+    return seen
+
+
+def concurrent_queries(jobs: list[tuple[str, str, list[tuple[str, str]]]], timeout: float = 2.0,
+                       port: int = 53, workers: int = 8) -> collections.Counter:
+    """Several clients at once: each job is (netns, server, [(name, qtype), ...]); its queries
+    are spread over ``workers`` threads (each query sent once, as in queries()). Returns the
+    rcodes received over all jobs ("timeout" for none)."""
+    from concurrent.futures import ThreadPoolExecutor
+    seen: collections.Counter = collections.Counter()
+    with ThreadPoolExecutor(max_workers=workers * max(1, len(jobs))) as pool:
+        futs = [pool.submit(query, ns, server, name, qtype, timeout, port)
+                for ns, server, names in jobs for name, qtype in names]
+        for f in futs:
+            seen[f.result() or "timeout"] += 1
     return seen
 
 

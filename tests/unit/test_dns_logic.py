@@ -133,6 +133,39 @@ def test_amplification_with_node_search_list_and_threshold():
     assert dn.find_amplification(nx, "cluster.local", [], 2) == []  # only one known suffix
 
 
+def test_amplification_sums_walks_over_names():
+    """Ten external names walked once each (3 NXDOMAIN apiece) waste as much as one name walked
+    ten times: the threshold is on the walks together; a name seen under one suffix is no walk."""
+    nx = {f"api{i}.example.{s}": 1 for i in range(4) for s in SEARCH}
+    nx["kubernetes.default.default.svc.cluster.local"] = 40   # one suffix, then it answered
+    amp = dn.find_amplification(nx, "cluster.local", [], 12)
+    assert sorted((a.base, a.nxdomain) for a in amp) == [(f"api{i}.example", 3) for i in range(4)]
+    assert dn.find_amplification(nx, "cluster.local", [], 13) == []
+
+
+def amp_probe(names: dict, **kw) -> DnsProbe:
+    p = probe(**kw)
+    p.names_in_window = lambda seconds: dict(names)
+    return p
+
+
+def test_search_path_finding_needs_a_share_of_the_answers():
+    """Walks that are more than --dns-nxdomain-percent of the answers (sample-size rule) raise
+    the finding; the same walks among many answers are ndots:5 as usual."""
+    names = {("NXDOMAIN", "A", f"api{i}.example.{s}"): 1 for i in range(8) for s in SEARCH}
+    names.update({("NOERROR", "A", f"api{i}.example"): 1 for i in range(8)})
+    storm = reading(32, {"NXDOMAIN": 24, "NOERROR": 8})
+    found = {f.id: f for f in amp_probe(names).diagnose(Window(60, reading(), storm))}
+    f = found["dns.search_path_amplification"]
+    assert f.evidence["wasted_queries"] == 24 and f.evidence["wasted_percent"] == 75.0
+    assert len(f.evidence["names"]) == 8
+    # suffix mode: the cluster's own suffixes as they are, a namespace hidden; counts add up
+    assert f.evidence["names"][0]["suffixes"] == {"*.svc.cluster.local": 1, "cluster.local": 1,
+                                                  "svc.cluster.local": 1}
+    quiet = reading(600, {"NXDOMAIN": 24, "NOERROR": 576})
+    assert amp_probe(names).diagnose(Window(60, reading(), quiet)) == []
+
+
 def test_namespace_suffix_for_another_cluster_domain():
     splits = dn.cluster_suffixes("web.shop.svc.k8s.example", "k8s.example")
     assert ("web", "shop.svc.k8s.example") in splits and ("web.shop", "svc.k8s.example") in splits
