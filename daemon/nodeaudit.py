@@ -240,6 +240,113 @@ def nft_rule_counts() -> dict[tuple[str, str, str], int]:
     return counts
 
 
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+NFTA_GEN_ID = 1
+
+
+def nft_generation() -> int | None:
+    """The nf_tables generation id of this netns (it changes with every ruleset commit): one
+    small netlink request, cheap enough for every sampler pass. None when there is no
+    nf_tables here."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        s.settimeout(2)
+        s.bind((0, 0))
+        s.send(struct.pack("=IHHII", 20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, 1, 0)
+               + struct.pack("=BBH", 0, 0, 0))
+        data = s.recv(4096)
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return parse_nft_generation(data)
+
+
+def parse_nft_generation(data: bytes) -> int | None:
+    off = 0
+    while off + 20 <= len(data):
+        length, mtype, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, off)
+        if length < 16 or off + length > len(data):
+            return None
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            a = off + 20
+            while a + 4 <= off + length:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype & 0x3FFF == NFTA_GEN_ID and alen >= 8:
+                    return struct.unpack_from(">I", data, a + 4)[0]
+                a += (alen + 3) & ~3
+        off += (length + 3) & ~3
+    return None
+
+
+def tcp_socket_count(text4: str, text6: str = "") -> int:
+    """TCP sockets in use plus TIME_WAIT, from /proc/net/sockstat (and sockstat6's TCP6 inuse)."""
+    n = 0
+    for line in (text4 + "\n" + text6).splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("TCP:", "TCP6:"):
+            fields = dict(zip(parts[1::2], parts[2::2]))
+            n += int(fields.get("inuse", 0)) + (int(fields.get("tw", 0)) if parts[0] == "TCP:" else 0)
+    return n
+
+
+def change_signature() -> dict[str, Any]:
+    """What the cheap counters say about the audit's inputs, read in this netns: the nf_tables
+    generation, the iptables-legacy tables' sizes, and the TCP sockets in use (with TIME_WAIT).
+    The node probe re-audits early when they move (a rule load, a connection storm)."""
+    out: dict[str, Any] = {"nft_generation": nft_generation()}
+    texts = []
+    for name in ("sockstat", "sockstat6"):
+        try:
+            with open(f"/proc/thread-self/net/{name}") as fh:
+                texts.append(fh.read())
+        except OSError:
+            texts.append("")
+    out["tcp_sockets"] = tcp_socket_count(*texts)
+    for family, (fam, level, _off, names_file) in LEGACY.items():
+        try:
+            with open(f"/proc/thread-self/net/{names_file}") as fh:
+                tables = [t.strip() for t in fh if t.strip()]
+        except OSError:
+            continue
+        if not tables:
+            continue
+        sizes = []
+        try:
+            sock = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except OSError:
+            continue
+        try:
+            for table in tables:
+                info = ctypes.create_string_buffer(GETINFO.pack(table.encode(), 0, *([0] * 10), 0, 0),
+                                                   GETINFO.size)
+                try:
+                    _getsockopt(sock.fileno(), level, IPT_SO_GET_INFO, info)
+                except OSError:
+                    continue
+                sizes.append((table, GETINFO.unpack(info.raw)[12]))
+        finally:
+            sock.close()
+        out[f"legacy_{family}"] = tuple(sizes)
+    return out
+
+
+def audit_due(before: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """Why the audit should run again before its interval: a ruleset changed, or the TCP
+    sockets (the port range and TIME_WAIT checks' input) moved by at least max(64, 25%)."""
+    if before is None:
+        return None
+    for key in now:
+        if key != "tcp_sockets" and now.get(key) != before.get(key):
+            return key
+    a, b = int(before.get("tcp_sockets", 0)), int(now.get("tcp_sockets", 0))
+    if abs(b - a) >= max(64, a // 4):
+        return "tcp_sockets"
+    return None
+
+
 # -- netfilter: iptables-legacy through the kernel --------------------------------------------
 IPT_SO_GET_INFO, IPT_SO_GET_ENTRIES = 64, 65
 HOOK_NAMES = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")

@@ -312,3 +312,22 @@ def test_listeners_read_through_sock_diag_exactly(lab):
             c.close()
         for s_ in (srv, big, v6, pod_srv):
             s_.close()
+
+
+def test_change_signature_moves_with_rules_and_sockets(lab):
+    """The early re-audit's inputs, read in a real netns: the nf_tables generation moves with
+    each commit (and only then), iptables-legacy sizes with a rule load, TCP sockets with
+    real connections (TIME_WAIT included)."""
+    ns = lab.node
+    sig = lambda: run_in(f"/run/netns/{ns}", nodeaudit.change_signature)  # noqa: E731
+    first = sig()
+    assert sig()["nft_generation"] == first["nft_generation"]          # nothing committed
+    sh("nft", "add table inet dpwsig; add chain inet dpwsig c; add rule inet dpwsig c counter", ns=ns)
+    second = sig()
+    assert second["nft_generation"] != first["nft_generation"]
+    assert nodeaudit.audit_due(first, second) == "nft_generation"
+    time_wait_sockets(ns, "127.0.0.1", 70)
+    third = sig()
+    assert third["tcp_sockets"] - second["tcp_sockets"] >= 70          # 70 TIME_WAIT at least
+    assert nodeaudit.audit_due(second, third) == "tcp_sockets"
+    assert nodeaudit.audit_due(third, sig()) is None

@@ -308,3 +308,36 @@ def test_node_probe_diagnose_uses_window_deltas():
     # Before the first audit the live check still stands on the counters.
     new["info"] = {"listen": ls.ListenSample([server], 128)}
     assert [x.id for x in probe.diagnose(Window(10.0, old, new))] == ["node.listen_queue_overflow"]
+
+
+# -- the early re-audit's cheap signature --------------------------------------------------------
+
+def test_nft_generation_parsed_from_newgen():
+    attr = struct.pack("=HH", 8, 1) + struct.pack(">I", 4242)           # NFTA_GEN_ID
+    body = struct.pack("=BBH", 0, 0, 0) + attr
+    msg = struct.pack("=IHHII", 16 + len(body), (10 << 8) | 15, 0, 1, 0) + body
+    assert na.parse_nft_generation(msg) == 4242
+    assert na.parse_nft_generation(msg[:18]) is None                # truncated
+    err = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -2) + b"\0" * 16
+    assert na.parse_nft_generation(err) is None                     # no nf_tables
+
+
+def test_tcp_socket_count_from_sockstat():
+    v4 = ("sockets: used 120\nTCP: inuse 40 orphan 0 tw 25 alloc 50 mem 3\nUDP: inuse 5 mem 1\n")
+    v6 = "TCP6: inuse 7\nUDP6: inuse 2\n"
+    assert na.tcp_socket_count(v4, v6) == 40 + 25 + 7
+    assert na.tcp_socket_count("", "") == 0
+
+
+@pytest.mark.parametrize("before,now,why", [
+    (None, {"tcp_sockets": 5}, None),                                      # no audit yet
+    ({"nft_generation": 3, "tcp_sockets": 10}, {"nft_generation": 3, "tcp_sockets": 70}, None),
+    ({"nft_generation": 3, "tcp_sockets": 10}, {"nft_generation": 3, "tcp_sockets": 74}, "tcp_sockets"),
+    ({"nft_generation": 3, "tcp_sockets": 1000}, {"nft_generation": 3, "tcp_sockets": 1200}, None),
+    ({"nft_generation": 3, "tcp_sockets": 1000}, {"nft_generation": 3, "tcp_sockets": 750}, "tcp_sockets"),
+    ({"nft_generation": 3, "tcp_sockets": 10}, {"nft_generation": 4, "tcp_sockets": 10}, "nft_generation"),
+    ({"legacy_ipv4": (("filter", 6),), "tcp_sockets": 0},
+     {"legacy_ipv4": (("filter", 9000),), "tcp_sockets": 0}, "legacy_ipv4"),
+])
+def test_audit_due(before, now, why):
+    assert na.audit_due(before, now) == why
