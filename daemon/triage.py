@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from ..probes.base import SEVERITY_RANK, ContradictionError, Finding, Window, counter_delta
+from ..probes.mtu import ICMP_CAVEAT
 from .snapshots import SnapshotRing
 
 log = logging.getLogger("dpwatch.triage")
@@ -166,10 +167,22 @@ def correlate(findings: list[Finding]) -> list[Finding]:
             pmtu[0].summary += (f" The node dropped {failed} packets it could not forward without "
                                 "fragmenting them; these messages are its answers.")
             if failed > sent:
-                pmtu[0].summary += (f" {failed - sent} of them got no ICMP answer (ICMP rate limit, "
-                                    "net.ipv4.icmp_ratelimit): their senders only retry.")
+                # Not the ICMP rate limit: the kernel never limits frag-needed (icmpv4_mask_allow)
+                # nor packet-too-big (icmpv6_ratemask leaves type 2 out).
+                pmtu[0].summary += (f" {failed - sent} of them got no ICMP answer (these messages are "
+                                    "never rate-limited; the kernel sends none when it has no route back "
+                                    "to the sender, or for a packet to a broadcast or multicast address): "
+                                    "their senders only retry.")
             pmtu[0].impact = max(pmtu[0].impact, ff.impact)
             drop.add(id(ff))
+
+    # 2e. Frag-needed / packet-too-big sent while netfilter drops packets of the same family:
+    # the node's answers are being filtered (its own output chain, or the senders' input), so
+    # the senders never learn the path MTU: a PMTU black hole.
+    for pm in _take(out, "mtu.pmtu_frag_needed")[:1]:
+        for nf in [f for f in _take(out, "drops.netfilter") if id(f) not in drop][:1]:
+            if _icmp_filtered(pm, nf):
+                drop.add(id(nf))
 
     # 3. Fragmentation next to an MTU mismatch: one root cause.
     mism = _take(out, "mtu.mismatch")
@@ -185,6 +198,23 @@ def correlate(findings: list[Finding]) -> list[Finding]:
         if folded:
             root.summary += (" The " + ", ".join(folded) + " seen in this window follow from it "
                              "(see related).")
+        # 3a. UDP buffer errors of the node next to a veth whose node end is the bigger one: the
+        # far end drops the node's full-size datagrams, and the kernel counts the ENOBUFS their
+        # senders get as SndbufErrors (in the node audit's buffer_errors), not a small buffer.
+        if any(m.get("node_end_bigger") for m in root.evidence.get("mismatches", [])):
+            for f in _take(out, "node.socket_buffers_small"):
+                errors = int(f.evidence.get("buffer_errors_in_window", 0) or 0)
+                if errors and id(f) not in drop:
+                    fixes = list(root.remediation)  # its sysctl advice does not apply here
+                    _fold(root, f, {"note": "UDP send errors: the node's datagrams over the safe MTU "
+                                            "dropped at the veth's smaller end (ENOBUFS, counted as "
+                                            "SndbufErrors); if they go on after the fix, see "
+                                            "node.socket_buffers_small"})
+                    root.remediation[:] = fixes
+                    root.summary += (f" The {errors} UDP buffer errors of this window are the node's own "
+                                     "datagrams dropped at the smaller end (the kernel counts that "
+                                     "ENOBUFS as SndbufErrors), not small socket buffers.")
+                    drop.add(id(f))
 
     # 4. Audit findings about the limit a live finding hits.
     for live_id, audit_ids in AUDIT_FOLDS.items():
@@ -207,6 +237,57 @@ def correlate(findings: list[Finding]) -> list[Finding]:
         seen.add(key)
         result.append(f)
     return result
+
+
+def _icmp_filtered(pm: Finding, nf: Finding) -> bool:
+    """Rule 2e. Every netfilter drop of a family that frag-needed / packet-too-big were sent in
+    can be one of them (no more drops than messages): pm becomes the PMTU black hole (critical)
+    and nf folds into it (True). More drops than messages: both stay, each naming the other."""
+    sent = {k[:-len("_sent")]: int(v) for k, v in pm.evidence.get("frag_needed", {}).items()
+            if k.endswith("_sent") and int(v) > 0}
+    by_proto = nf.evidence.get("by_protocol", {})
+    dropped = {fam: int(by_proto.get(fam, 0)) for fam in sent if int(by_proto.get(fam, 0)) > 0}
+    available = int(nf.evidence.get("unexplained_drops", nf.evidence.get("drops", 0)))
+    if not dropped or not available:
+        return False
+    # (conntrack may have explained some of them already: only the rest count)
+    total_sent, total_dropped = sum(sent.values()), min(sum(dropped.values()), available)
+    fams = "/".join(sorted(dropped))
+    if total_dropped > total_sent:
+        note = (f" Netfilter also dropped {total_dropped} {fams} packets in this window, more than these "
+                f"{total_sent} messages: if a rule drops ICMP type 3 code 4 / ICMPv6 type 2, this is a "
+                "PMTU black hole (see drops.netfilter).")
+        pm.summary += note
+        nf.summary += (f" Up to {total_sent} of them can be the ICMP frag-needed / packet-too-big the node "
+                       "sent in the same window (see mtu.pmtu_frag_needed).")
+        pm.evidence["netfilter_drops"] = dropped
+        return False
+    filtered = total_dropped
+    repeated = [r for r in pm.evidence.get("recent", []) if r.get("direction") == "sent" and r.get("count", 0) > 1]
+    _fold(pm, nf, {"frag_needed_filtered": filtered})
+    pm.evidence["netfilter_drops"] = dropped
+    pm.evidence["frag_needed_filtered"] = filtered
+    pm.claims = tuple(pm.claims) + ("frag_needed_filtered",)
+    pm.severity = "critical"
+    pm.title = "PMTU black hole: the node's frag-needed / packet-too-big are dropped by netfilter"
+    head = (f"PMTU black hole: netfilter dropped {total_dropped} {fams} packets in the same window as the "
+            f"{total_sent} ICMP frag-needed/packet-too-big messages the node sent, no more than them: most "
+            "likely it dropped those messages (a rule in this node's output chain, or in the senders' own "
+            "input). Senders never learn the path MTU, so their packets above it vanish and connections "
+            "hang as soon as they send a full-size packet.")
+    if repeated:
+        head += (" The frag-needed went out again and again for the same destinations (" +
+                 ", ".join(f"{r['dst']}: {r['count']} times" for r in repeated[:4]) +
+                 "), as when the senders never get them.")
+    pm.summary = head + " " + pm.summary.replace(ICMP_CAVEAT, "")
+    pm.remediation[:0] = [
+        "nft list ruleset -a | grep -n -E 'icmp|reject|drop'   # the rule that drops the frag-needed "
+        "(output and forward chains here; the senders' own policies)",
+        "accept them before any drop: nft insert rule <family> <table> <chain> icmp type "
+        "destination-unreachable icmp code frag-needed accept (IPv6: icmpv6 type packet-too-big accept)",
+    ]
+    pm.impact = max(pm.impact, nf.impact)
+    return True
 
 
 def _udp_race(dns: Finding, ins: Finding) -> Finding:

@@ -407,7 +407,9 @@ class ConntrackProbe(Probe):
             if self.multi:
                 ev["netns"] = ino
             ev = {k: v for k, v in ev.items() if v is not None}
-            if drops or (fill is not None and fill >= cfg.conntrack_full_percent):
+            # Early drops happen only when an entry is needed and the table is at its limit: the
+            # table was full in the window even if entries have expired since.
+            if drops or early or (fill is not None and fill >= cfg.conntrack_full_percent):
                 if nf_drops is not None:
                     ev["netfilter_drops"] = nf_drops
                     ev["netfilter_drops_explained"] = min(nf_drops, drops)
@@ -422,13 +424,12 @@ class ConntrackProbe(Probe):
                 findings.append(Finding(
                     id="conntrack.table_full", probe=self.name, severity="critical",
                     title=f"Conntrack table full{where}",
-                    summary=(f"The conntrack table{where} holds {_n(entries)} of {_n(maximum)} entries "
-                             f"({ev.get('fill_percent', '?')}%), and {drops} packets were dropped in "
-                             f"{window.seconds:.0f}s because no entry could be created. New connections "
-                             "fail silently: applications see timeouts."),
+                    summary=_full_summary(where, entries, maximum, ev.get("fill_percent"), drops, early,
+                                          window.seconds),
                     evidence=ev, remediation=self._remedy(entries, maximum, buckets),
-                    claims=("drops",) if drops else ("fill_percent",),
-                    impact=window.rate(drops) or 1.0))
+                    claims=tuple(k for k, n in (("drops", drops), ("early_drops", early)) if n)
+                    or ("fill_percent",),
+                    impact=window.rate(drops) or window.rate(early) or 1.0))
             elif fill is not None and fill >= cfg.conntrack_pressure_percent:
                 findings.append(Finding(
                     id="conntrack.table_pressure", probe=self.name, severity="warning",
@@ -475,6 +476,25 @@ class ConntrackProbe(Probe):
         out.append("on Kubernetes, set the same through kube-proxy's conntrack.maxPerCore/min "
                    "so it does not reset them")
         return out
+
+
+def _full_summary(where: str, entries, maximum, fill, drops: int, early: int, seconds: float) -> str:
+    """What a full table does to traffic: drops (new flows refused) and early drops (entries
+    evicted to make room), each said only when it happened in the window."""
+    out = (f"The conntrack table{where} holds {_n(entries)} of {_n(maximum)} entries "
+           f"({'?' if fill is None else fill}%)")
+    if drops:
+        out += (f", and {drops} packets were dropped in {seconds:.0f}s because no entry could be "
+                "created. New connections fail silently: applications see timeouts.")
+    else:
+        out += "."
+    if early:
+        out += (f" {early} entries were evicted early in {seconds:.0f}s to make room (early_drop): "
+                "flows not yet assured (unanswered, or UDP younger than 2 s) lose their state, and "
+                "their next packets, replies included, need a new entry or are dropped.")
+    if not drops and not early:
+        out += " Nothing was dropped or evicted in this window yet: the next burst of new flows will be."
+    return out
 
 
 def _n(value) -> str:

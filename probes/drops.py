@@ -24,6 +24,26 @@ LOC_EXACT = 64  # per CPU and (reason, protocol): locations of the first drops a
 SUBSYS_SHIFT = 16  # enum skb_drop_reason_subsys: reason = (subsys << 16) | code
 # Reasons that get a finding of their own; drops.top_reasons ranks by the rest.
 SPECIFIC_REASONS = frozenset({"SOCKET_RCVBUFF", "TCP_LISTEN_OVERFLOW", "NETFILTER_DROP"})
+# Reasons another probe reports on its own when it is enabled: a CPU_BACKLOG drop is the event
+# softnet_stat's dropped column counts (enqueue_to_backlog counts it and frees the packet with
+# this reason), which softnet.backlog_drops reports in every softirq mode, procfs included.
+PEER_REASONS = {"CPU_BACKLOG": "softirq"}
+# Drops of packets nothing on the node was there to receive: no socket on the port (answered
+# with a TCP reset or an ICMP port unreachable: the sender sees "connection refused" at once),
+# no handler for the protocol, a frame for another host's MAC. Nothing a receiver wanted was
+# lost, so these alone never make drops.top_reasons critical.
+NO_RECEIVER_REASONS = frozenset({"NO_SOCKET", "UNHANDLED_PROTO", "OTHERHOST"})
+# What the top reason means, for reasons without a finding of their own.
+REASON_HINTS = {
+    "NO_SOCKET": ("packets to ports where no socket listens, answered with a TCP reset or an ICMP "
+                  "port unreachable: clients see 'connection refused'. A server is down or restarting, "
+                  "or clients use a wrong address or port."),
+}
+REASON_STEPS = {
+    "NO_SOCKET": ["ss -ltnup   # the node's listeners: is the server of the refused port running "
+                  "(and listening on the address the clients use)?",
+                  "kubectl get endpoints -A | grep '<none>'   # Services whose pods are gone"],
+}
 
 
 def load_reason_names(tracefs_path: str | None = None) -> tuple[dict[int, str], str]:
@@ -246,16 +266,23 @@ class DropsProbe(Probe):
         if total and rate >= cfg.drops_rate_warning:
             top = sorted(by_reason.items(), key=lambda kv: kv[1], reverse=True)[:8]
             # Rank by the drops no specific finding above explains, so those findings come first.
-            uncovered = sum(n for r, n in by_reason.items() if r not in SPECIFIC_REASONS)
-            # Severity too: when specific findings explain most drops, this summary is info.
+            enabled = getattr(cfg, "enabled_probes", ())
+            covered = SPECIFIC_REASONS | {r for r, peer in PEER_REASONS.items() if peer in enabled}
+            uncovered = sum(n for r, n in by_reason.items() if r not in covered)
+            # Severity too: when specific findings explain most drops, this summary is info; it
+            # is critical only when drops of packets a receiver wanted reach the critical rate.
             u_rate = window.rate(uncovered)
-            sev = severity(u_rate) if u_rate >= cfg.drops_rate_warning else "info"
+            lost_rate = window.rate(sum(n for r, n in by_reason.items()
+                                        if r not in covered and r not in NO_RECEIVER_REASONS))
+            sev = ("info" if u_rate < cfg.drops_rate_warning
+                   else "critical" if lost_rate >= cfg.drops_rate_critical else "warning")
+            hint = REASON_HINTS.get(top[0][0])
             findings.append(Finding(
                 id="drops.top_reasons", probe=self.name, severity=sev,
                 title="High packet drop rate",
                 summary=(f"The kernel dropped {int(total)} packets in {window.seconds:.0f}s "
                          f"({rate:.1f}/s, threshold {cfg.drops_rate_warning}/s). Top reason: "
-                         f"{top[0][0]} ({int(top[0][1])})."),
+                         f"{top[0][0]} ({int(top[0][1])})" + (f": {hint}" if hint else ".")),
                 evidence={"drops": int(total), "drops_per_second": round(rate, 3),
                           "window_seconds": round(window.seconds, 1),
                           "threshold_per_second": cfg.drops_rate_warning,
@@ -263,7 +290,7 @@ class DropsProbe(Probe):
                                            "drops_per_second": round(window.rate(n), 3)} for r, n in top],
                           "top_locations": self._top_locations(window, None)},
                 claims=("drops",),
-                remediation=[
+                remediation=REASON_STEPS.get(top[0][0], []) + [
                     f"look up the top reason {top[0][0]} in the kernel's enum skb_drop_reason "
                     "(include/net/dropreason-core.h) and its top location above",
                     "watch it live: perf record -e skb:kfree_skb -g -a -- sleep 10 && perf script",

@@ -368,9 +368,9 @@ def test_full_at_95_percent_without_drops(probe):
     new = ct_reading(stats(NS_A, drop=7), {NS_A: 95000}, {NS_A: 100000}, {NS_A: 25000})
     (f,) = probe.diagnose(Window(60.0, old, new))
     assert (f.id, f.severity, f.title) == ("conntrack.table_full", "critical", "Conntrack table full")
-    assert f.summary == ("The conntrack table holds 95000 of 100000 entries (95.0%), and 0 packets were "
-                         "dropped in 60s because no entry could be created. New connections fail "
-                         "silently: applications see timeouts.")
+    assert f.summary == ("The conntrack table holds 95000 of 100000 entries (95.0%). Nothing was dropped "
+                         "or evicted in this window yet: the next burst of new flows will be.")
+    assert f.claims == ("fill_percent",)
     assert f.evidence == base_ev(95000, 100000, 95.0)
     assert f.remediation == [max_line(262144, 80), hash_line(65536), K8S_LINE]
     assert f.impact == 1.0  # no drops: the rate is 0, so a nominal 1.0
@@ -391,11 +391,28 @@ def test_drops_at_low_fill_are_table_full(probe):
     assert f.evidence == base_ev(1200, 262144, 0.5, drops=36, dps=0.6, early=3)
     assert f.summary == ("The conntrack table holds 1200 of 262144 entries (0.5%), and 36 packets were "
                          "dropped in 60s because no entry could be created. New connections fail "
-                         "silently: applications see timeouts.")
+                         "silently: applications see timeouts. 3 entries were evicted early in 60s to "
+                         "make room (early_drop): flows not yet assured (unanswered, or UDP younger "
+                         "than 2 s) lose their state, and their next packets, replies included, need a "
+                         "new entry or are dropped.")
+    assert f.claims == ("drops", "early_drops")
     # base = max(2400, 524288, 131072) = 524288 (a power of two already); 160 MiB;
     # 131072 buckets > 65536
     assert f.remediation == [max_line(524288, 160), hash_line(131072), K8S_LINE]
     assert f.impact == pytest.approx(0.6)
+
+
+def test_early_drops_alone_are_table_full(probe):
+    """Entries are evicted early only when the table is at its limit: the table was full in the
+    window, even when entries have expired since and no packet was dropped."""
+    old = ct_reading(stats(NS_A, early_drop=5), {NS_A: 60000}, {NS_A: 100000}, {NS_A: 25000})
+    new = ct_reading(stats(NS_A, early_drop=125), {NS_A: 70000}, {NS_A: 100000}, {NS_A: 25000})
+    (f,) = probe.diagnose(Window(60.0, old, new))
+    assert (f.id, f.severity) == ("conntrack.table_full", "critical")
+    assert f.evidence == base_ev(70000, 100000, 70.0, early=120)
+    assert f.claims == ("early_drops",)
+    assert "dropped" not in f.summary.split(". ")[0] and "120 entries were evicted early in 60s" in f.summary
+    assert f.impact == pytest.approx(2.0)  # 120 evictions / 60 s
 
 
 def test_first_window_without_old_reading_counts_everything(probe):

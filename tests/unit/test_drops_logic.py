@@ -374,15 +374,46 @@ def test_top_reasons_custom_threshold(sysctls):
     assert p.diagnose(win) == []
     win = Window(2.0, None, reading({("NO_SOCKET", "ipv4"): 10}))    # 5/s
     assert [(f.id, f.severity) for f in p.diagnose(win)] == [("drops.top_reasons", "warning")]
-    win = Window(2.0, None, reading({("NO_SOCKET", "ipv4"): 40}))    # 20/s
+    win = Window(2.0, None, reading({("NO_SOCKET", "ipv4"): 40}))    # 20/s, but answered
+    assert [(f.id, f.severity) for f in p.diagnose(win)] == [("drops.top_reasons", "warning")]
+    win = Window(2.0, None, reading({("SKB_CSUM", "ipv4"): 40}))     # 20/s
     assert [(f.id, f.severity) for f in p.diagnose(win)] == [("drops.top_reasons", "critical")]
 
 
 @pytest.mark.parametrize("count, severity", [(9990, "warning"), (10_000, "critical"), (20_000, "critical")])
 def test_top_reasons_severity(probe, count, severity):
-    win = Window(10.0, None, reading({("NO_SOCKET", "ipv4"): count}))
+    win = Window(10.0, None, reading({("SKB_CSUM", "ipv4"): count}))
     (f,) = probe.diagnose(win)
     assert (f.id, f.severity) == ("drops.top_reasons", severity)
+
+
+def test_refused_packets_alone_are_never_critical(probe):
+    """NO_SOCKET drops are answered (TCP reset, ICMP port unreachable): a service down, not a
+    datapath losing packets. A warning however fast; critical once other drops reach the rate."""
+    (f,) = probe.diagnose(Window(10.0, None, reading({("NO_SOCKET", "ipv4"): 50_000})))
+    assert (f.id, f.severity, f.impact) == ("drops.top_reasons", "warning", 5000.0)
+    assert f.summary == ("The kernel dropped 50000 packets in 10s (5000.0/s, threshold 50.0/s). Top reason: "
+                         "NO_SOCKET (50000): packets to ports where no socket listens, answered with a "
+                         "TCP reset or an ICMP port unreachable: clients see 'connection refused'. A "
+                         "server is down or restarting, or clients use a wrong address or port.")
+    assert f.remediation[0].startswith("ss -ltnup")
+    (f,) = probe.diagnose(Window(10.0, None, reading({("NO_SOCKET", "ipv4"): 50_000,
+                                                      ("UNHANDLED_PROTO", "other"): 50_000,
+                                                      ("OTHERHOST", "ipv4"): 10_000})))
+    assert f.severity == "warning"  # nothing there to receive any of them
+    (f,) = probe.diagnose(Window(10.0, None, reading({("NO_SOCKET", "ipv4"): 50_000,
+                                                      ("SKB_CSUM", "ipv4"): 10_000})))
+    assert f.severity == "critical"
+
+
+def test_backlog_drops_are_softirqs_when_it_runs(sysctls):
+    """CPU_BACKLOG drops are softnet.backlog_drops' (the softirq probe reads the same event from
+    softnet_stat in every mode): with the softirq probe on, they do not make the summary rank."""
+    win = Window(10.0, None, reading({("CPU_BACKLOG", "ipv4"): 20_000}))
+    (f,) = DropsProbe(Config(probes=["drops", "softirq"])).diagnose(win)
+    assert (f.id, f.severity, f.impact) == ("drops.top_reasons", "info", 0.0)
+    (f,) = DropsProbe(Config(probes=["drops"])).diagnose(win)
+    assert (f.id, f.severity, f.impact) == ("drops.top_reasons", "critical", 2000.0)
 
 
 @pytest.mark.parametrize("count, severity", [(9999, "warning"), (10_000, "critical")])
