@@ -428,7 +428,12 @@ def analyse(window: Window, cfg, probe: str, clk_tck: int, facts) -> list[Findin
         worst_cpu = max(dropped, key=lambda c: dropped[c])
         want = backlog_suggestion(current, dropped[worst_cpu] / secs)
         seen = ndrop + sum(processed.values())
-        steps = [f"sysctl -w net.core.netdev_max_backlog={want}   # now {current}; persist it in /etc/sysctl.d/"]
+        if current is not None:
+            held, now = f"net.core.netdev_max_backlog={current} packets", f"now {current}"
+        else:  # a global sysctl: only the host's netns has it
+            held = "net.core.netdev_max_backlog; global, not readable from this netns"
+            now = "global: readable only in the host's netns"
+        steps = [f"sysctl -w net.core.netdev_max_backlog={want}   # {now}; persist it in /etc/sysctl.d/"]
         if ncpu > 1 and dropped[worst_cpu] >= 0.8 * ndrop:
             steps += spread_steps([worst_cpu])[:1]
         findings.append(Finding(
@@ -436,9 +441,8 @@ def analyse(window: Window, cfg, probe: str, clk_tck: int, facts) -> list[Findin
             severity="critical" if seen and ndrop / seen >= BACKLOG_CRITICAL_SHARE else "warning",
             title="Packets dropped: the per-CPU backlog is full",
             summary=(f"{int(ndrop)} packets were dropped in {secs:.0f}s ({ndrop / secs:.1f}/s) because a "
-                     f"CPU's input backlog held net.core.netdev_max_backlog={current} packets already. "
-                     "Packets enqueued by netif_rx (veth, loopback, RPS, tunnels) arrive faster than "
-                     "that CPU's NET_RX softirq drains them."),
+                     f"CPU's input backlog was full ({held}). Packets enqueued by netif_rx (veth, "
+                     "loopback, RPS, tunnels) arrive faster than that CPU's NET_RX softirq drains them."),
             evidence={"drops": int(ndrop), "drops_per_second": round(ndrop / secs, 3),
                       "window_seconds": round(secs, 1), "net.core.netdev_max_backlog": current,
                       "per_cpu_drops": {str(c): int(v) for c, v in sorted(dropped.items()) if v},

@@ -350,6 +350,18 @@ def test_concentrated_drops_add_rps_on_the_other_cpus():
     assert bl.remediation[1].startswith("echo e > /sys/class/net/eth0/queues/rx-0/rps_cpus")  # CPUs 1-3
 
 
+def test_backlog_unreadable_outside_the_host_netns():
+    """netdev_max_backlog exists only in the init netns: a daemon elsewhere says so instead of
+    printing None as the size."""
+    old, new = busy_pair()
+    found = {f.id: f for f in analyse(Window(10.0, old, new), cfg(), "softirq", 100, Facts(sysctls={}))}
+    bl = found["softnet.backlog_drops"]
+    assert bl.evidence["net.core.netdev_max_backlog"] is None
+    assert "None" not in bl.summary and "global, not readable from this netns" in bl.summary
+    assert bl.remediation[0] == ("sysctl -w net.core.netdev_max_backlog=2048   # global: readable only in "
+                                 "the host's netns; persist it in /etc/sysctl.d/")
+
+
 def test_no_device_known_and_no_napi():
     old, new = busy_pair()
     old["counters"]["napi_exhausted"] = new["counters"]["napi_exhausted"] = {}
