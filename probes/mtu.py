@@ -29,6 +29,8 @@ DIRS = ("sent", "received")  # index = MTU_EV_* in bpf/mtu.c
 LINK_SETTLE = 1.0       # re-audit once link events have been quiet this long (s) ...
 LINK_MAX_WAIT = 5.0     # ... or this long after the first one, whichever comes first
 PEER_POLL = 4.5         # least time between two polls of the far ends read by nsid (s)
+# The last sentence of mtu.pmtu_frag_needed's summary; triage drops it once it sees the ICMP dropped.
+ICMP_CAVEAT = " If anything on the path drops ICMP, this becomes a black hole."
 
 
 def decode_recent(key, value, now_ns: int) -> dict:
@@ -255,6 +257,16 @@ class MtuProbe(Probe):
                 "audits": dict(self.audits)}
 
     # -- findings -----------------------------------------------------------------------------
+    def _mismatch_evidence(self, issue: mtuaudit.Issue) -> dict:
+        out = {"kind": issue.kind, "devices": issue.devices, "overhead": issue.overhead,
+               "safe_mtu": issue.safe_mtu}
+        if issue.kind == "veth_mismatch" and issue.devices:
+            # The bigger end in the daemon's netns: what the node itself sends through it over
+            # the smaller MTU is dropped at the far end (its UDP senders see ENOBUFS).
+            big = max(issue.devices, key=lambda d: d["mtu"])
+            out["node_end_bigger"] = big.get("netns") is not None and big.get("netns") == self.own_ino
+        return out
+
     def diagnose(self, window: Window) -> list[Finding]:
         findings: list[Finding] = []
         info = window.new.get("info", {})
@@ -277,8 +289,7 @@ class MtuProbe(Probe):
                          (" ..." if len(issues) > 3 else "") +
                          " Packets bigger than the smallest MTU on the path are dropped silently or "
                          "fragmented: connections hang on large transfers while small ones work."),
-                evidence={"mismatches": [{"kind": i.kind, "devices": i.devices, "overhead": i.overhead,
-                                          "safe_mtu": i.safe_mtu} for i in issues[:10]],
+                evidence={"mismatches": [self._mismatch_evidence(i) for i in issues[:10]],
                           "safe_mtu": safe},
                 claims=("mismatches",), remediation=remediation[:16],
                 impact=float(len(issues))))
@@ -299,7 +310,7 @@ class MtuProbe(Probe):
                          f"(" + ", ".join(f"{fam} {d}: {int(n)}" for (fam, d), n in sorted(fn.items()) if n) +
                          "). A path has a smaller MTU than senders use" +
                          (f" (announced: {', '.join(map(str, announced))})" if announced else "") +
-                         ". If anything on the path drops ICMP, this becomes a black hole."),
+                         "." + ICMP_CAVEAT),
                 evidence={"frag_needed": {f"{fam}_{d}": int(n) for (fam, d), n in sorted(fn.items())},
                           "recent": shown, "pmtu_cache": pmtu, "announced_mtus": announced,
                           "window_seconds": round(window.seconds, 1)},

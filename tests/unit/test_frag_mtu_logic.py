@@ -483,6 +483,7 @@ def test_mtu_healthy(mtu_probe):
 
 
 def test_mtu_mismatch_exact(mtu_probe):
+    mtu_probe.own_ino = 4026531840  # the daemon's netns: veth1's, the bigger end
     r = mtu_reading(issues=[VETH, OVERLAY, BRIDGE])
     (f,) = mtu_probe.diagnose(Window(10, r, r))
     assert (f.id, f.probe, f.severity) == ("mtu.mismatch", "mtu", "critical")
@@ -493,7 +494,8 @@ def test_mtu_mismatch_exact(mtu_probe):
         "connections hang on large transfers while small ones work.")
     assert f.evidence == {
         "mismatches": [
-            {"kind": "veth_mismatch", "devices": VETH.devices, "overhead": None, "safe_mtu": 1450},
+            {"kind": "veth_mismatch", "devices": VETH.devices, "overhead": None, "safe_mtu": 1450,
+             "node_end_bigger": True},
             {"kind": "overlay_too_big", "devices": OVERLAY.devices, "overhead": 50, "safe_mtu": 1450},
             {"kind": "bridge_ports_differ", "devices": BRIDGE.devices, "overhead": None, "safe_mtu": 1480},
         ],
@@ -505,6 +507,10 @@ def test_mtu_mismatch_exact(mtu_probe):
                              "ip link set dev br0 mtu 1480"] + cni_remediation(1450, 50)
     assert "--set MTU=1500" in f.remediation[4]
     assert f.impact == 3.0
+    # The pod's end the bigger one (or the daemon's netns unknown): the node's sends fit.
+    mtu_probe.own_ino = 4026532500
+    (f,) = mtu_probe.diagnose(Window(10, r, r))
+    assert f.evidence["mismatches"][0]["node_end_bigger"] is False
 
 
 def test_mtu_mismatch_safe_without_overhead(mtu_probe):

@@ -126,6 +126,75 @@ def test_df_packets_too_big_are_path_mtu_discovery_not_fragmentation():
     assert set(out[0].evidence["related"]) == {"frag.fragmentation_failed", "mtu.pmtu_frag_needed"}
 
 
+def _pmtu_story(sent: dict, nf_drops: int, by_protocol: dict):
+    pm = F("mtu.pmtu_frag_needed", "warning", 2.0, frag_needed=sent,
+           recent=[{"direction": "sent", "dst": "198.18.1.2", "mtu": 1400, "count": 20}])
+    pm.summary += triage.ICMP_CAVEAT
+    failed = F("frag.fragmentation_failed", "warning", 2.0, fragmentation_failed={"ipv4": 20, "ipv6": 0})
+    nf = F("drops.netfilter", "warning", 2.0, drops=nf_drops, by_protocol=by_protocol)
+    return pm, failed, nf
+
+
+def test_frag_needed_dropped_by_netfilter_is_a_pmtu_black_hole():
+    """The node sent 20 frag-needed and netfilter dropped 20 IPv4 packets in the same window: the
+    answers are filtered. One critical finding that says so, with both drops folded in."""
+    pm, failed, nf = _pmtu_story({"ipv4_sent": 20}, 20, {"ipv4": 20})
+    other = F("softirq.imbalance", "warning", 5.0)
+    out = ranked([nf, other, failed, pm])
+    assert ids(out) == ["mtu.pmtu_frag_needed", "softirq.imbalance"]
+    top = out[0]
+    assert top.severity == "critical" and top.title.startswith("PMTU black hole")
+    assert top.summary.startswith("PMTU black hole: netfilter dropped 20 ipv4 packets")
+    assert "(198.18.1.2: 20 times)" in top.summary and triage.ICMP_CAVEAT not in top.summary
+    assert top.evidence["frag_needed_filtered"] == 20 and top.evidence["netfilter_drops"] == {"ipv4": 20}
+    assert set(top.evidence["related"]) == {"frag.fragmentation_failed", "drops.netfilter"}
+    assert "frag_needed_filtered" in top.claims
+    assert top.remediation[0].startswith("nft list ruleset -a")
+    # Part of the netfilter drops already explained by conntrack: only the rest is compared.
+    pm, failed, nf = _pmtu_story({"ipv4_sent": 5}, 30, {"ipv4": 30})
+    nf.evidence["unexplained_drops"] = 4
+    out = triage.correlate([pm, nf])
+    assert ids(out) == ["mtu.pmtu_frag_needed"] and out[0].evidence["frag_needed_filtered"] == 4
+
+
+def test_netfilter_drops_that_cannot_be_the_frag_needed():
+    # Of another family: nothing to do with each other.
+    pm, failed, nf = _pmtu_story({"ipv4_sent": 20}, 20, {"ipv6": 20})
+    out = triage.correlate([pm, nf])
+    assert ids(out) == ["mtu.pmtu_frag_needed", "drops.netfilter"]
+    assert pm.severity == "warning" and "black hole" not in pm.title and "netfilter_drops" not in pm.evidence
+    # Far more drops than messages: a policy drops other traffic too; each finding names the other.
+    pm, failed, nf = _pmtu_story({"ipv4_sent": 3, "ipv6_sent": 2}, 500, {"ipv4": 400, "ipv6": 100})
+    out = triage.correlate([pm, nf])
+    assert ids(out) == ["mtu.pmtu_frag_needed", "drops.netfilter"]
+    assert pm.severity == "warning" and pm.evidence["netfilter_drops"] == {"ipv4": 400, "ipv6": 100}
+    assert "if a rule drops ICMP type 3 code 4" in pm.summary
+    assert "Up to 5 of them can be the ICMP frag-needed" in nf.summary
+    # Next to an MTU mismatch, the black hole is one of its symptoms, still named as such.
+    pm, failed, nf = _pmtu_story({"ipv6_sent": 7}, 7, {"ipv6": 7})
+    out = triage.correlate([pm, nf, failed, F("mtu.mismatch", "critical", 1.0, mismatches=[{}])])
+    assert ids(out) == ["mtu.mismatch"]
+    assert out[0].evidence["related"]["mtu.pmtu_frag_needed"]["title"].startswith("PMTU black hole")
+
+
+def test_udp_send_errors_next_to_a_bigger_node_veth_end_are_the_mismatch():
+    """The node's own datagrams over the pod end's MTU are dropped there, and their senders'
+    ENOBUFS count as SndbufErrors: not small buffers. No sysctl advice joins the mismatch."""
+    veth = {"kind": "veth_mismatch", "devices": [], "safe_mtu": 1400, "node_end_bigger": True}
+    bufs = F("node.socket_buffers_small", "warning", 4.0, buffer_errors_in_window=4)
+    mm = F("mtu.mismatch", "critical", 1.0, mismatches=[veth], safe_mtu=1400)
+    mm.remediation = ["ip link set dev veth1 mtu 1400"]
+    out = triage.correlate([bufs, mm])
+    assert ids(out) == ["mtu.mismatch"]
+    assert out[0].evidence["related"]["node.socket_buffers_small"]["buffer_errors_in_window"] == 4
+    assert "4 UDP buffer errors" in out[0].summary and out[0].remediation == ["ip link set dev veth1 mtu 1400"]
+    # The pod's end the bigger one: the node's sends fit, the buffer errors are their own story.
+    veth = dict(veth, node_end_bigger=False)
+    bufs = F("node.socket_buffers_small", "warning", 4.0, buffer_errors_in_window=4)
+    out = triage.correlate([bufs, F("mtu.mismatch", "critical", 1.0, mismatches=[veth])])
+    assert sorted(ids(out)) == ["mtu.mismatch", "node.socket_buffers_small"]
+
+
 def test_audit_folds_into_the_live_finding_without_duplicate_sysctls():
     live = Finding(id="drops.socket_receive_buffer", probe="drops", severity="warning", title="t",
                    summary="s", evidence={"drops": 9}, remediation=["sysctl -w net.core.rmem_max=16777216"],
