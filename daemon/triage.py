@@ -11,6 +11,8 @@ Then the report becomes more than their sum (``correlate``):
 - DNS timeouts while the conntrack table is full and drops at least as many packets fold
   into conntrack.table_full; NXDOMAINs that the search-path walk explains fold into
   dns.search_path_amplification.
+- DNS lookups that failed (timeouts, SERVFAIL/REFUSED) rank above NXDOMAIN findings of the
+  same window, whatever their rates: an NXDOMAIN is an answer.
 - Fragmentation, reassembly failures and frag-needed messages next to an MTU mismatch are
   one root cause: mtu.mismatch, with the rest folded in as related evidence.
 - A node-audit finding about the limit a live finding hits (nf_conntrack_max next to a full
@@ -50,6 +52,9 @@ AUDIT_FOLDS: dict[str, tuple[str, ...]] = {
     "drops.socket_receive_buffer": ("node.socket_buffers_small",),
     "softnet.backlog_drops": ("node.netdev_max_backlog_low",),
 }
+# DNS lookups that failed, and NXDOMAIN findings (answers), which rank below them (rule 2c').
+DNS_FAILURES = ("dns.timeouts", "dns.errors", "triage.dns_conntrack_race")
+DNS_NEGATIVE = ("dns.nxdomain_rate", "dns.search_path_amplification")
 # Symptoms of an MTU mismatch, folded into mtu.mismatch.
 MTU_SYMPTOMS = ("frag.fragmentation_active", "frag.fragmentation_failed", "frag.reassembly_failures",
                 "mtu.pmtu_frag_needed")
@@ -155,6 +160,21 @@ def correlate(findings: list[Finding]) -> list[Finding]:
             if id(nx) not in drop and total and wasted >= 0.8 * total:
                 _fold(amp, nx)
                 drop.add(id(nx))
+
+    # 2c'. DNS lookups that fail (no answer, SERVFAIL, REFUSED) rank above NXDOMAIN findings of
+    # the same window, however many the NXDOMAINs: an NXDOMAIN is the server answering, in a
+    # round trip, and the datapath works; a timeout stalls its client for the resolver's
+    # timeout and the lookup fails. By rate alone a storm of cheap NXDOMAINs would come first
+    # (and its queries dilute the failures' share, so they are often only a warning).
+    failing = [f for f in out if f.id in DNS_FAILURES and id(f) not in drop]
+    if failing:
+        worst = max(failing, key=score)
+        below = score(worst)
+        for f in out:
+            if f.id in DNS_NEGATIVE and id(f) not in drop and score(f) >= below:
+                # the highest impact that keeps its score under the failure's (rates stay in evidence)
+                f.impact = 0.9 * max(0.0, 10 ** (below - SEVERITY_BASE[f.severity]) - 1)
+                f.evidence["ranked_below"] = worst.id
 
     # 2d. Packets too big to forward, answered with frag-needed / packet-too-big: that is path
     # MTU discovery, one story told by the ICMP side (which knows the announced MTU).

@@ -219,6 +219,27 @@ def test_nxdomain_explained_by_search_path_amplification():
         ["dns.nxdomain_rate", "dns.search_path_amplification"]
 
 
+def test_dns_failures_rank_above_nxdomain_findings():
+    """A storm of NXDOMAINs (16/s) next to a few timeouts (0.8/s, a warning): the timeouts
+    first; the same for errors next to search-path amplification. Without a failure the
+    NXDOMAIN findings keep their impact."""
+    t = F("dns.timeouts", "warning", 0.8, timeouts=12)
+    nx = F("dns.nxdomain_rate", "warning", 16.0, nxdomain=200)
+    assert ids(ranked([nx, t])) == ["dns.timeouts", "dns.nxdomain_rate"]
+    assert nx.evidence["ranked_below"] == "dns.timeouts" and 0 < nx.impact < 0.8
+    e = F("dns.errors", "warning", 1.0, errors=16)
+    amp = F("dns.search_path_amplification", "warning", 12.0, wasted_queries=180)
+    assert ids(ranked([amp, F("dns.nxdomain_rate", "warning", 12.0, nxdomain=180), e])) == \
+        ["dns.errors", "dns.search_path_amplification"]
+    # far more NXDOMAINs than a critical failure's rate would allow by score
+    crit = F("dns.timeouts", "critical", 0.1, timeouts=3)
+    huge = F("dns.nxdomain_rate", "warning", 5000.0, nxdomain=300000)
+    assert ids(ranked([huge, crit])) == ["dns.timeouts", "dns.nxdomain_rate"]
+    alone = F("dns.nxdomain_rate", "warning", 16.0, nxdomain=200)
+    triage.correlate([alone, F("dns.latency_high", "warning", 1.0, answers_over_threshold=5)])
+    assert alone.impact == 16.0 and "ranked_below" not in alone.evidence
+
+
 def test_ranking_by_impact_across_severities():
     crit_idle = F("a.crit", "critical", 0.0)
     warn_busy = F("b.warn", "warning", 5000.0)
