@@ -115,10 +115,12 @@ def assured_udp_flows(ns: str, dst: str, port: int, count: int) -> tuple[list[so
 
 
 class UdpSink:
-    """A UDP socket on ``addr`` in netns ``ns`` with SO_RCVBUF ``rcvbuf`` that never reads."""
+    """A UDP socket on ``addr`` (IPv4 or IPv6) in netns ``ns`` with SO_RCVBUF ``rcvbuf`` that
+    never reads."""
 
     def __init__(self, ns: str, addr: str, rcvbuf: int = 1024):
-        self.sock = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.sock = socket_in(ns, family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         in_netns(ns, lambda: self.sock.bind((addr, 0)))
         self.port = self.sock.getsockname()[1]

@@ -14,7 +14,7 @@ import socket
 from dnslab import Dnsmasq, queries
 from faults import UdpSink, conntrack_on, nft_drop, stuck_listener, sysctl_global, tcp_attempts
 from harness import Incident
-from netlab import closed_udp_port, drain, in_netns, udp_send
+from netlab import closed_udp_port, drain, in_netns, sh, udp_send
 from test_softirq_kernel import Fanout
 
 
@@ -60,29 +60,48 @@ def test_netfilter_policy_drop_conntrack_on():
     assert not [f for f in rep["findings"] if f["id"].startswith("conntrack.")]
 
 
-def test_socket_rcvbuf_overflow():
+def _rcvbuf_overflow(name: str, ipv6: bool = False) -> tuple[dict, int]:
     """A UDP receiver in the node netns with SO_RCVBUF 1024 that never reads (a stuck metrics
-    agent); a pod sends it 3000 datagrams of 512 bytes. Every one that did not fit is one
-    SOCKET_RCVBUFF drop; the node audit's buffer-error check folds in."""
-    with Incident("socket_rcvbuf_overflow") as inc:
+    agent); a pod sends it 3000 datagrams of 512 bytes. Returns (the report, drops expected:
+    every datagram that was not queued)."""
+    with Incident(name) as inc:
         pod = inc.lab.pod
-        sink = UdpSink(inc.lab.node, pod.node_ip4, rcvbuf=1024)
+        addr = pod.node_ip6 if ipv6 else pod.node_ip4
+        sink = UdpSink(inc.lab.node, addr, rcvbuf=1024)
         inc.on_close(sink.close)
         inc.start()
         inc.fault()
-        sent = udp_send(pod.ns, pod.node_ip4, sink.port, 3000, payload=b"y" * 512)
+        sent = udp_send(pod.ns, addr, sink.port, 3000, payload=b"y" * 512,
+                        family=socket.AF_INET6 if ipv6 else socket.AF_INET)
         assert sent == 3000
         rep = inc.expect_top("drops.socket_receive_buffer",
                              check=lambda f: "node.socket_buffers_small" in f["evidence"].get("related", {}))
-        queued = drain(sink.sock)
+        return rep, sent - drain(sink.sock)
+
+
+def _check_rcvbuf(rep: dict, lost: int, proto: str) -> None:
     top = rep["findings"][0]
     ev = top["evidence"]
-    assert ev["drops"] == sent - queued and ev["by_protocol"] == {"ipv4": sent - queued}
-    assert ev["drops"] >= 2900
+    assert ev["drops"] == lost and ev["by_protocol"] == {proto: lost}
+    assert lost >= 2900
     assert top["severity"] == ("critical" if ev["drops_per_second"] >= 1000 else "warning")
     assert "udp" in ev["top_locations"][0]["location"]
-    assert ev["related"]["node.socket_buffers_small"]["buffer_errors_in_window"] == ev["drops"]
+    # Udp(6) RcvbufErrors, the node audit's count, is the same event.
+    assert ev["related"]["node.socket_buffers_small"]["buffer_errors_in_window"] == lost
     assert top["remediation"][0].startswith("sysctl -w net.core.rmem_max=")
+
+
+def test_socket_rcvbuf_overflow():
+    """Every datagram that did not fit is one SOCKET_RCVBUFF drop; the node audit's
+    buffer-error check folds in."""
+    rep, lost = _rcvbuf_overflow("socket_rcvbuf_overflow")
+    _check_rcvbuf(rep, lost, "ipv4")
+
+
+def test_socket_rcvbuf_overflow_ipv6():
+    """The same over IPv6 (a dual-stack pod): the drops say ipv6, and Udp6 RcvbufErrors agree."""
+    rep, lost = _rcvbuf_overflow("socket_rcvbuf_overflow_ipv6", ipv6=True)
+    _check_rcvbuf(rep, lost, "ipv6")
 
 
 def test_service_down_refused():
@@ -191,27 +210,54 @@ def test_rcvbuf_plus_nxdomain():
     assert top["score"] > nx["score"] and top["impact"] > 10 * nx["impact"]
 
 
-def test_listen_overflow():
-    """A server in the node netns that called listen(1) and never accepts (hung), and a pod's
-    200 connection attempts, each one SYN: the accept queue holds 2 (the kernel's full is
-    queue > backlog), the other 198 SYNs are refused. A refused SYN is freed without a drop
-    reason (consume_skb), so the answer comes from the node probe's counters and sock_diag:
-    node.listen_queue_overflow names the listener, and says somaxconn does not cap it."""
-    with Incident("listen_overflow") as inc:
+def _listen_overflow(name: str, backlog: int, somaxconn: int | None = None) -> tuple[dict, int, int]:
+    """A server in the node netns that called listen(``backlog``) and never accepts (hung),
+    and a pod's 200 connection attempts, each one SYN. Returns (the report, the listener's
+    address:port, connected)."""
+    with Incident(name) as inc:
         pod = inc.lab.pod
-        port = stuck_listener(inc, pod.node_ip4, backlog=1)
+        if somaxconn is not None:  # per netns: gone with the node netns
+            sh("sysctl", "-qw", f"net.core.somaxconn={somaxconn}", ns=inc.lab.node)
+        port = stuck_listener(inc, pod.node_ip4, backlog=backlog)
         inc.start()
         inc.fault()
         connected = tcp_attempts(pod.ns, pod.node_ip4, port, 200)
-        assert connected == 2
         rep = inc.expect_top("node.listen_queue_overflow", allowed={"drops.listen_overflow"})
+        return rep, f"{pod.node_ip4}:{port}", connected
+
+
+def _check_listen(rep: dict, addr: str, backlog: int, connected: int) -> dict:
     top = rep["findings"][0]
     ev = top["evidence"]
     assert top["severity"] == "critical"  # refused far more often than accepted: down for new clients
     assert ev["listen_overflows_in_window"] == 200 - connected
     (listener,) = ev["listeners"]
-    assert listener["listener"] == f"{pod.node_ip4}:{port}"
-    assert (listener["effective_backlog"], listener["queue_now"], listener["full_now"]) == (1, 2, True)
+    assert listener["listener"] == addr
+    assert (listener["effective_backlog"], listener["queue_now"], listener["full_now"]) == (backlog, connected, True)
     assert listener["socket_drops_in_window"] == 200 - connected
+    return listener
+
+
+def test_listen_overflow():
+    """listen(1): the accept queue holds 2 (the kernel's full is queue > backlog), the other
+    198 SYNs are refused. A refused SYN is freed without a drop reason (consume_skb), so the
+    answer comes from the node probe's counters and sock_diag: node.listen_queue_overflow
+    names the listener, and says somaxconn does not cap it."""
+    rep, addr, connected = _listen_overflow("listen_overflow", backlog=1)
+    assert connected == 2
+    listener = _check_listen(rep, addr, 1, connected)
     assert listener["capped_by_somaxconn"] is False
-    assert "no sysctl helps" in top["remediation"][0]
+    assert "no sysctl helps" in rep["findings"][0]["remediation"][0]
+
+
+def test_listen_overflow_somaxconn():
+    """The other story with the same symptom: the server asks for listen(1024), but the node
+    netns' net.core.somaxconn is 4, so its backlog is 4 (5 connections queue, 195 refused).
+    Here the sysctl is the fix, and the finding says so."""
+    rep, addr, connected = _listen_overflow("listen_overflow_somaxconn", backlog=1024, somaxconn=4)
+    assert connected == 5
+    top = rep["findings"][0]
+    listener = _check_listen(rep, addr, 4, connected)
+    assert listener["capped_by_somaxconn"] is True
+    assert top["evidence"]["net.core.somaxconn"] == 4
+    assert any("sysctl -w net.core.somaxconn=" in step for step in top["remediation"])
