@@ -236,6 +236,13 @@ def correlate(findings: list[Finding]) -> list[Finding]:
                                      "ENOBUFS as SndbufErrors), not small socket buffers.")
                     drop.add(id(f))
 
+    # 3c. Drops that are the fragmentation story's own packets (drop reasons PKT_TOO_BIG and the
+    # reassembly ones, and unreasoned drops in the reassembly code: fragments refused while its
+    # memory is full) belong to the finding that tells it, not to the catch-all drop finding.
+    for top in [f for f in _take(out, "drops.top_reasons") if id(f) not in drop][:1]:
+        if _frag_drops(top, out, drop):
+            drop.add(id(top))
+
     # 4. Audit findings about the limit a live finding hits.
     for live_id, audit_ids in AUDIT_FOLDS.items():
         lives = [f for f in _take(out, live_id) if id(f) not in drop]
@@ -257,6 +264,64 @@ def correlate(findings: list[Finding]) -> list[Finding]:
         seen.add(key)
         result.append(f)
     return result
+
+
+# Drop reasons of the frag/mtu story -> the finding whose packets they are.
+FRAG_DROPS = {"PKT_TOO_BIG": "frag.fragmentation_failed", "FRAG_REASM_TIMEOUT": "frag.reassembly_failures",
+              "DUP_FRAG": "frag.reassembly_failures", "FRAG_TOO_FAR": "frag.reassembly_failures"}
+# Kernel functions of IP reassembly: an unreasoned drop there is a fragment it refused or lost.
+REASSEMBLY_CODE = ("ip_defrag", "ip_frag_queue", "ip_frag_reasm", "ip_expire", "ip6_frag_queue",
+                   "ip6_frag_reasm", "ip6_frag_expire", "ipv6_frag_rcv", "nf_ct_frag6_gather",
+                   "inet_frag_")
+
+
+def _home(out: list[Finding], drop: set[int], fid: str) -> Finding | None:
+    """The reported finding that tells ``fid``'s story: ``fid`` itself, or the one it folded into."""
+    for f in out:
+        if id(f) not in drop and (f.id == fid or fid in f.evidence.get("related", {})):
+            return f
+    return None
+
+
+def _frag_drops(top: Finding, out: list[Finding], drop: set[int]) -> bool:
+    """Rule 3c. Returns True when ``top`` (drops.top_reasons) folded away: without the drops a
+    frag/mtu finding explains, the rest stays below its threshold. Else it keeps the rest."""
+    homes: dict[int, tuple[Finding, int]] = {}
+
+    def credit(fid: str, n: int) -> None:
+        home = _home(out, drop, fid)
+        if home is not None and n > 0:
+            homes[id(home)] = (home, homes.get(id(home), (home, 0))[1] + n)
+
+    for row in top.evidence.get("top_reasons", []):
+        if row.get("reason") in FRAG_DROPS:
+            credit(FRAG_DROPS[row["reason"]], int(row.get("drops", 0)))
+    for loc in top.evidence.get("top_locations", []):
+        func = str(loc.get("location", "")).split("+", 1)[0]
+        if loc.get("reason") not in FRAG_DROPS and func.startswith(REASSEMBLY_CODE):
+            credit("frag.reassembly_failures", int(loc.get("count", 0)))
+    total = int(top.evidence.get("drops", 0))
+    explained = min(total, sum(n for _f, n in homes.values()))
+    if not homes or not explained:
+        return False
+    home = max(homes.values(), key=lambda hn: hn[1])[0]
+    # Its impact is the rate of the drops no specific finding explains: take these off it.
+    rate = float(top.evidence.get("drops_per_second", 0.0))
+    rest_rate = max(0.0, top.impact - rate * explained / total)
+    threshold = float(top.evidence.get("threshold_per_second", 0.0) or 0.0)
+    if rest_rate < threshold:
+        fixes = list(home.remediation)  # "look the reason up" adds nothing to the story's own fix
+        _fold(home, top, {"explained_drops": explained})
+        home.remediation[:] = fixes
+        home.summary += (f" The kernel's drop counters show these packets too: {explained} of the {total} "
+                         "drops of this window are theirs.")
+        home.impact = max(home.impact, top.impact)
+        return True
+    top.evidence["explained_by_fragmentation"] = explained
+    top.impact = rest_rate
+    top.summary += (f" {explained} of them are the packets {home.id} tells about (see it); "
+                    f"the other {total - explained} are not.")
+    return False
 
 
 def _icmp_filtered(pm: Finding, nf: Finding) -> bool:

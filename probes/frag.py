@@ -9,6 +9,7 @@ attached: the same skb:kfree_skb attach, read again, never a second one.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily
@@ -30,6 +31,20 @@ COUNTERS = {
     "dest_unreach_out": (("Icmp", "OutDestUnreachs"), "Icmp6OutDestUnreachs"),
 }
 FRAG_DROP_REASONS = ("PKT_TOO_BIG", "FRAG_REASM_TIMEOUT", "DUP_FRAG", "FRAG_TOO_FAR")
+
+
+def parse_sockstat_frag(text: str, tag: str) -> int | None:
+    """Bytes held by IP reassembly: the memory of the ``tag`` line ("FRAG:" in /proc/net/sockstat,
+    "FRAG6:" in sockstat6: 'FRAG: inuse 5 memory 21736'), None when there is none."""
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == tag:
+            fields = dict(zip(parts[1::2], parts[2::2]))
+            try:
+                return int(fields["memory"])
+            except (KeyError, ValueError):
+                return None
+    return None
 
 
 def counters_from_snmp(v4: dict[str, dict[str, int]], v6: dict[str, int]) -> dict[tuple[str, str], int]:
@@ -56,16 +71,25 @@ class FragProbe(Probe):
     def __init__(self, config: Any):
         super().__init__(config)
         self.files: SnmpFiles | None = None
+        self._sockstat: dict[str, Any] = {}  # family -> held /proc/thread-self/net/sockstat(6)
 
     def attach(self, module) -> None:
         self.module = module
         self._attached = []
         self.files = SnmpFiles()  # bound to the attaching thread's netns
+        for family, name in (("ipv4", "sockstat"), ("ipv6", "sockstat6")):
+            try:
+                self._sockstat[family] = open(f"/proc/thread-self/net/{name}", "rb", buffering=0)
+            except OSError:  # IPv6 disabled: no reassembly memory to read
+                pass
 
     def close(self) -> None:
         if self.files:
             self.files.close()
             self.files = None
+        for fh in self._sockstat.values():
+            fh.close()
+        self._sockstat.clear()
         super().close()
 
     def collect(self) -> Reading:
@@ -74,7 +98,16 @@ class FragProbe(Probe):
         drops = self.peers.get("drops")
         if drops is not None and drops.module is not None:
             counters["drop_reasons"] = {(r,): drops.reason_total(r) for r in FRAG_DROP_REASONS}
-        return {"counters": counters, "gauges": {}}
+        memory: dict[tuple[str], int] = {}
+        for family, fh in self._sockstat.items():
+            try:
+                value = parse_sockstat_frag(os.pread(fh.fileno(), 1 << 14, 0).decode(),
+                                            "FRAG:" if family == "ipv4" else "FRAG6:")
+            except OSError:
+                value = None
+            if value is not None:
+                memory[(family,)] = value
+        return {"counters": counters, "gauges": {"frag_memory": memory}}
 
     def metrics(self, reading: Reading) -> Iterable:
         fams = {
@@ -156,26 +189,62 @@ class FragProbe(Probe):
         rfail = {f: int(d.get(("reasm_fails", f), 0)) for f in ("ipv4", "ipv6")}
         rtime = {f: int(d.get(("reasm_timeout", f), 0)) for f in ("ipv4", "ipv6")}
         if sum(rfail.values()) or sum(rtime.values()):
-            ipfrag_time = sysctl.read_int("net.ipv4.ipfrag_time")
-            high = sysctl.read_int("net.ipv4.ipfrag_high_thresh")
-            findings.append(Finding(
-                id="frag.reassembly_failures", probe=self.name, severity="warning",
-                title="IP reassembly fails",
-                summary=(f"{sum(rfail.values())} reassembly failures ({sum(rtime.values())} timeouts) in "
-                         f"{window.seconds:.0f}s: fragments arrive incomplete, late or duplicated, so "
-                         "whole packets are lost. Usually a fragment was dropped on the path (a "
-                         "firewall or a too-small MTU), or the reassembly memory is exhausted."),
-                evidence={"reassembly_failed": rfail, "reassembly_timeouts": rtime,
-                          "drop_reasons": {r: drops.get(r, 0) for r in FRAG_DROP_REASONS[1:]},
-                          "net.ipv4.ipfrag_time": ipfrag_time,
-                          "net.ipv4.ipfrag_high_thresh": high,
-                          "window_seconds": round(window.seconds, 1)},
-                claims=("reassembly_failed",) if sum(rfail.values()) else ("reassembly_timeouts",),
-                remediation=[
-                    "stop the fragmentation at its source: fix the MTU (see frag.fragmentation_active "
-                    "and mtu.mismatch)",
-                    f"if DUP_FRAG/FRAG_TOO_FAR drops dominate, allow more reassembly memory: "
-                    f"sysctl -w net.ipv4.ipfrag_high_thresh={max(8 << 20, 2 * (high or 0))}",
-                ],
-                impact=window.rate(sum(rfail.values()))))
+            findings.append(self._reassembly(window, rfail, rtime, drops))
         return findings
+
+    def _reassembly(self, window: Window, rfail: dict[str, int], rtime: dict[str, int],
+                    drops: dict[str, int]) -> Finding:
+        """frag.reassembly_failures, with what the counters say about the cause. ReasmFails
+        counts timeouts (ReasmTimeout), bad fragments (overlapping: DUP_FRAG; too far out of
+        order: FRAG_TOO_FAR) and fragments refused because reassembly memory is above
+        ipfrag_high_thresh (no queue is made for them; freed without a reason)."""
+        ipfrag_time = sysctl.read_int("net.ipv4.ipfrag_time")
+        high = sysctl.read_int("net.ipv4.ipfrag_high_thresh")
+        fails, timeouts = sum(rfail.values()), sum(rtime.values())
+        beyond = {f: max(0, rfail[f] - rtime[f]) for f in rfail}
+        dup, far = drops.get("DUP_FRAG", 0), drops.get("FRAG_TOO_FAR", 0)
+        memory = {f: int(v) for (f,), v in window.new.get("gauges", {}).get("frag_memory", {}).items()}
+        refused = sum(beyond.values()) if not (dup or far) else 0  # no bad fragment to blame
+        ev = {"reassembly_failed": rfail, "reassembly_timeouts": rtime,
+              "failed_without_timeout": beyond,
+              "drop_reasons": {r: drops.get(r, 0) for r in FRAG_DROP_REASONS[1:]},
+              "net.ipv4.ipfrag_time": ipfrag_time,
+              "net.ipv4.ipfrag_high_thresh": high}
+        if memory:
+            ev["reassembly_memory_bytes"] = memory
+        ev["window_seconds"] = round(window.seconds, 1)
+        summary = (f"{fails} reassembly failures ({timeouts} timeouts) in {window.seconds:.0f}s: whole "
+                   "packets are lost.")
+        fix = ["stop the fragmentation at its source: fix the MTU (see frag.fragmentation_active "
+               "and mtu.mismatch)"]
+        if timeouts:
+            summary += (f" {timeouts} fragment sets timed out incomplete (net.ipv4.ipfrag_time "
+                        f"{ipfrag_time} s): a fragment was lost on the way (a firewall that drops "
+                        "fragments, or loss on the path).")
+            fix.append("find where fragments are lost: rules that drop fragments (non-first fragments "
+                       "carry no ports: nft list ruleset | grep -n -E 'frag|drop'), drops on the senders' path")
+        if refused:
+            held = memory.get("ipv4" if beyond["ipv4"] else "ipv6")
+            summary += (f" {refused} failed without a timeout or a bad fragment: the kernel refuses "
+                        "fragments while the reassembly memory is above net.ipv4.ipfrag_high_thresh "
+                        f"({high} bytes)" + (f"; it holds {held} bytes now" if held is not None else "") +
+                        ". Incomplete sets keep their memory until they time out.")
+            fix.append(f"sysctl -w net.ipv4.ipfrag_high_thresh={max(8 << 20, 2 * (high or 0))}"
+                       + ("   # and net.ipv6.ip6frag_high_thresh" if beyond["ipv6"] else ""))
+            fix.append(f"if a flood of incomplete fragment sets fills it, shorten how long each is kept: "
+                       f"sysctl -w net.ipv4.ipfrag_time={max(1, min(ipfrag_time or 30, 30) // 2)}")
+        if dup or far:
+            summary += (f" {dup} duplicate or overlapping fragments and {far} fragments too far out of "
+                        "order (net.ipv4.ipfrag_max_dist) were dropped with their sets.")
+            if dup:
+                fix.append("overlapping fragments come from a broken sender or an attack: find the source "
+                           "with tcpdump -ni any 'ip[6:2] & 0x3fff != 0'")
+            if far:
+                fix.append("a source whose fragments arrive this much out of order: raise "
+                           "net.ipv4.ipfrag_max_dist (0 turns the check off)")
+        return Finding(
+            id="frag.reassembly_failures", probe=self.name, severity="warning",
+            title="IP reassembly fails", summary=summary, evidence=ev,
+            claims=("reassembly_failed",) if fails else ("reassembly_timeouts",),
+            remediation=fix, impact=window.rate(fails))
+

@@ -16,7 +16,7 @@ import struct
 import time
 
 from harness import Incident
-from netlab import in_netns, sh
+from netlab import in_netns, read_snmp, sh
 from test_frag_mtu_kernel import _fragment
 from test_triage_e2e import _router_with_mismatch, _send_unfragmented_df_off
 from topologies import Sink, add_addresses, bridged, overlay, routed, send, set_mtu, set_underlay
@@ -310,24 +310,61 @@ def test_reassembly_timeouts():
         inc.on_close(sink.close)
         inc.start()
         inc.fault()
-        raw = in_netns(pod.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
-        try:
-            for ident in range(0x4100, 0x4105):
-                parts = _udp_fragments(pod.ip4, pod.node_ip4, ident, 2400, 3)
-                for i, frag in enumerate(parts):
-                    if i == 1 and ident != 0x4104:  # lost on the way, except for the last datagram
-                        continue
-                    raw.sendto(frag, (pod.node_ip4, 0))
-        finally:
-            raw.close()
+        send_fragments(pod, range(0x4100, 0x4104), lose_middle=True)
+        send_fragments(pod, [0x4104], lose_middle=False)
         rep = inc.expect_top("frag.reassembly_failures", check=lambda f: sum(
             f["evidence"]["reassembly_timeouts"].values()) >= 4)
     ev = top_of(rep)["evidence"]
     assert ev["reassembly_timeouts"] == {"ipv4": 4, "ipv6": 0}
     assert ev["reassembly_failed"] == {"ipv4": 4, "ipv6": 0}
+    assert ev["failed_without_timeout"] == {"ipv4": 0, "ipv6": 0}
     assert ev["net.ipv4.ipfrag_time"] == 2
     assert ev["drop_reasons"]["FRAG_REASM_TIMEOUT"] >= 4  # counted host-wide
+    assert "4 fragment sets timed out incomplete" in rep["findings"][0]["summary"]
     assert sink.received == [2400]
+
+
+def test_reassembly_memory_full():
+    """A pod floods the node with fragment sets that never complete (1200, a piece of each
+    missing). With the default limits (ipfrag_high_thresh 4 MiB, ipfrag_time 30 s) reassembly
+    memory fills and the kernel refuses every further fragment: the pod's next ten datagrams
+    arrive whole and are lost too. The refusals are unreasoned drops in ip_defrag, which the
+    drops probe's catch-all finding would report on its own."""
+    with Incident("reassembly_memory_full", pods=1) as inc:
+        pod, node = inc.lab.pod, inc.lab.node
+        sink = Sink(node)
+        inc.on_close(sink.close)
+        inc.start()
+        inc.fault()
+        send_fragments(pod, range(1200), lose_middle=True)
+        send_fragments(pod, range(5000, 5010), lose_middle=False)
+        rep = inc.expect_top("frag.reassembly_failures",
+                             check=lambda f: f["evidence"]["failed_without_timeout"]["ipv4"] >= 30)
+        counted = read_snmp(node, "Ip")  # the node's own counters, for the exact numbers
+        high = int(sh("sysctl", "-n", "net.ipv4.ipfrag_high_thresh", ns=node).stdout)
+    top = top_of(rep)
+    ev = top["evidence"]
+    assert counted["ReasmTimeout"] == 0 and counted["ReasmOKs"] == 0
+    assert ev["reassembly_failed"] == {"ipv4": counted["ReasmFails"], "ipv6": 0}
+    assert ev["failed_without_timeout"] == ev["reassembly_failed"]
+    assert ev["reassembly_timeouts"] == {"ipv4": 0, "ipv6": 0}
+    assert ev["net.ipv4.ipfrag_high_thresh"] == high and ev["reassembly_memory_bytes"]["ipv4"] >= 0.9 * high
+    assert "the kernel refuses fragments while the reassembly memory is above" in top["summary"]
+    assert f"sysctl -w net.ipv4.ipfrag_high_thresh={2 * high}" in top["remediation"]
+    assert sink.received == []
+
+
+def send_fragments(pod, idents, lose_middle: bool, size: int = 2400) -> None:
+    """From the pod to the node: one UDP datagram per ident, as three fragments (the middle
+    one left out with ``lose_middle``), through a raw socket."""
+    raw = in_netns(pod.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW))
+    try:
+        for ident in idents:
+            for i, frag in enumerate(_udp_fragments(pod.ip4, pod.node_ip4, ident, size, 3)):
+                if not (lose_middle and i == 1):
+                    raw.sendto(frag, (pod.node_ip4, 0))
+    finally:
+        raw.close()
 
 
 def _udp_fragments(src: str, dst: str, ident: int, size: int, parts: int) -> list[bytes]:

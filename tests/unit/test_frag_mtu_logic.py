@@ -15,7 +15,7 @@ from dpwatch.daemon.config import Config
 from dpwatch.daemon.mtuaudit import Issue, cni_remediation
 from dpwatch.daemon.snmp import parse_snmp, parse_snmp6
 from dpwatch.probes.base import Finding, Window
-from dpwatch.probes.frag import COUNTERS, FRAG_DROP_REASONS, FragProbe, counters_from_snmp
+from dpwatch.probes.frag import COUNTERS, FRAG_DROP_REASONS, FragProbe, counters_from_snmp, parse_sockstat_frag
 from dpwatch.probes.mtu import MtuProbe, decode_recent
 
 # -- recorded contents ------------------------------------------------------------------------
@@ -299,16 +299,33 @@ def test_frag_reassembly_failures_exact(frag_sysctls):
                         ("reasm_fails", "ipv6"): 4, ("reasm_timeout", "ipv6"): 1}, drops_new)
     (f,) = p.diagnose(Window(10, old, new))
     assert (f.id, f.probe, f.severity) == ("frag.reassembly_failures", "frag", "warning")
-    assert f.summary.startswith("14 reassembly failures (4 timeouts) in 10s: ")
+    assert f.summary == (
+        "14 reassembly failures (4 timeouts) in 10s: whole packets are lost. 4 fragment sets timed out "
+        "incomplete (net.ipv4.ipfrag_time 30 s): a fragment was lost on the way (a firewall that drops "
+        "fragments, or loss on the path). 7 duplicate or overlapping fragments and 2 fragments too far "
+        "out of order (net.ipv4.ipfrag_max_dist) were dropped with their sets.")
     assert f.evidence == {"reassembly_failed": {"ipv4": 10, "ipv6": 4},
                           "reassembly_timeouts": {"ipv4": 3, "ipv6": 1},
+                          "failed_without_timeout": {"ipv4": 7, "ipv6": 3},
                           "drop_reasons": {"FRAG_REASM_TIMEOUT": 3, "DUP_FRAG": 7, "FRAG_TOO_FAR": 2},
                           "net.ipv4.ipfrag_time": 30,
                           "net.ipv4.ipfrag_high_thresh": HIGH_THRESH,
                           "window_seconds": 10.0}
-    assert f.remediation[1] == ("if DUP_FRAG/FRAG_TOO_FAR drops dominate, allow more reassembly memory: "
-                                "sysctl -w net.ipv4.ipfrag_high_thresh=8388608")
+    # bad fragments, not memory: no advice to give reassembly more of it
+    assert not any("ipfrag_high_thresh" in r for r in f.remediation)
+    assert any("tcpdump" in r for r in f.remediation) and any("ipfrag_max_dist" in r for r in f.remediation)
     assert f.impact == pytest.approx(1.4)
+
+
+def test_frag_reassembly_timeouts_only(frag_sysctls):
+    p = FragProbe(Config())
+    (f,) = p.diagnose(Window(10, None, frag_reading({("reasm_timeout", "ipv6"): 1})))
+    assert f.summary.startswith("0 reassembly failures (1 timeouts) in 10s: whole packets are lost. "
+                                "1 fragment sets timed out incomplete")
+    # no drops probe: the drop reasons read 0
+    assert f.evidence["drop_reasons"] == {"FRAG_REASM_TIMEOUT": 0, "DUP_FRAG": 0, "FRAG_TOO_FAR": 0}
+    assert not any("ipfrag_high_thresh" in r for r in f.remediation)
+    assert f.impact == 0.0  # timeouts alone: no reassembly failures to rate
 
 
 @pytest.mark.parametrize("high,suggested", [
@@ -318,16 +335,33 @@ def test_frag_reassembly_failures_exact(frag_sysctls):
     (33554432, 67108864),
     (None, 8388608),        # unreadable sysctl
 ])
-def test_frag_reassembly_high_thresh_remediation(frag_sysctls, high, suggested):
+def test_frag_reassembly_memory_full(frag_sysctls, high, suggested):
+    """Failures that are neither timeouts nor bad fragments: fragments refused while the
+    reassembly memory is above ipfrag_high_thresh."""
     frag_sysctls["net.ipv4.ipfrag_high_thresh"] = high
     p = FragProbe(Config())
-    (f,) = p.diagnose(Window(10, None, frag_reading({("reasm_timeout", "ipv6"): 1})))
+    new = frag_reading({("reasm_fails", "ipv4"): 71, ("reasm_timeout", "ipv4"): 0},
+                       {"PKT_TOO_BIG": 0, "FRAG_REASM_TIMEOUT": 0, "DUP_FRAG": 0, "FRAG_TOO_FAR": 0})
+    new["gauges"]["frag_memory"] = {("ipv4",): 21736, ("ipv6",): 0}
+    (f,) = p.diagnose(Window(10, None, new))
     assert f.id == "frag.reassembly_failures"
     assert f.evidence["net.ipv4.ipfrag_high_thresh"] == high
-    assert f.remediation[1].endswith(f"sysctl -w net.ipv4.ipfrag_high_thresh={suggested}")
-    # no drops probe: the drop reasons read 0
-    assert f.evidence["drop_reasons"] == {"FRAG_REASM_TIMEOUT": 0, "DUP_FRAG": 0, "FRAG_TOO_FAR": 0}
-    assert f.impact == 0.0  # timeouts alone: no reassembly failures to rate
+    assert f.evidence["failed_without_timeout"] == {"ipv4": 71, "ipv6": 0}
+    assert f.evidence["reassembly_memory_bytes"] == {"ipv4": 21736, "ipv6": 0}
+    assert (f"71 failed without a timeout or a bad fragment: the kernel refuses fragments while the "
+            f"reassembly memory is above net.ipv4.ipfrag_high_thresh ({high} bytes); it holds 21736 "
+            "bytes now.") in f.summary
+    assert f.remediation[1] == f"sysctl -w net.ipv4.ipfrag_high_thresh={suggested}"
+    assert f.remediation[2].endswith("sysctl -w net.ipv4.ipfrag_time=15")
+    assert f.impact == pytest.approx(7.1)
+
+
+def test_parse_sockstat_frag():
+    text = "sockets: used 14\nTCP: inuse 1 orphan 0 tw 1 alloc 2 mem 282\nFRAG: inuse 5 memory 21736\n"
+    assert parse_sockstat_frag(text, "FRAG:") == 21736
+    assert parse_sockstat_frag("TCP6: inuse 0\nFRAG6: inuse 0 memory 0\n", "FRAG6:") == 0
+    assert parse_sockstat_frag(text, "FRAG6:") is None
+    assert parse_sockstat_frag("FRAG: inuse 5 memory x\n", "FRAG:") is None
 
 
 def test_frag_both_findings(frag_sysctls):

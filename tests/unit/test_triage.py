@@ -195,6 +195,49 @@ def test_udp_send_errors_next_to_a_bigger_node_veth_end_are_the_mismatch():
     assert sorted(ids(out)) == ["mtu.mismatch", "node.socket_buffers_small"]
 
 
+def _top_reasons(drops, rate, impact, reasons, locations):
+    return F("drops.top_reasons", "warning", impact, drops=drops, drops_per_second=rate,
+             threshold_per_second=50.0,
+             top_reasons=[{"reason": r, "drops": n} for r, n in reasons],
+             top_locations=[{"location": loc, "reason": r, "count": n} for loc, r, n in locations])
+
+
+def test_drops_of_refused_fragments_are_the_reassembly_failure():
+    """Fragments refused while reassembly memory is full are freed without a reason in ip_defrag:
+    the catch-all drop finding is these packets (and a few others), so it folds into the
+    reassembly finding, whose fix lines stay its own."""
+    ra = F("frag.reassembly_failures", "warning", 207.0, reassembly_failed={"ipv4": 685})
+    ra.remediation = ["sysctl -w net.ipv4.ipfrag_high_thresh=8388608"]
+    top = _top_reasons(709, 217.0, 217.0, [("NOT_SPECIFIED", 698), ("NO_SOCKET", 10)],
+                       [("ip_defrag+0x795", "NOT_SPECIFIED", 672), ("ip6_mc_input+0xd4", "NOT_SPECIFIED", 13)])
+    out = ranked([top, ra])
+    assert ids(out) == ["frag.reassembly_failures"]
+    assert out[0].evidence["related"]["drops.top_reasons"]["explained_drops"] == 672
+    assert "672 of the 709 drops" in out[0].summary and out[0].impact == 217.0
+    assert out[0].remediation == ["sysctl -w net.ipv4.ipfrag_high_thresh=8388608"]
+
+
+def test_drops_too_big_to_forward_join_the_path_mtu_story():
+    """PKT_TOO_BIG drops are the packets frag.fragmentation_failed counts; that folded into
+    mtu.pmtu_frag_needed, so the drops go there. Other drops beyond the threshold stay."""
+    pm = F("mtu.pmtu_frag_needed", "warning", 100.0, frag_needed={"ipv4_sent": 1000})
+    ff = F("frag.fragmentation_failed", "warning", 100.0, fragmentation_failed={"ipv4": 1000, "ipv6": 0})
+    top = _top_reasons(1000, 100.0, 100.0, [("PKT_TOO_BIG", 1000)], [("ip_forward+0x2c0", "PKT_TOO_BIG", 1000)])
+    out = ranked([top, ff, pm])
+    assert ids(out) == ["mtu.pmtu_frag_needed"]
+    assert set(out[0].evidence["related"]) == {"frag.fragmentation_failed", "drops.top_reasons"}
+    # 1000 PKT_TOO_BIG and 2000 OTHERHOST in 10 s: the other 200/s are a story of their own.
+    pm = F("mtu.pmtu_frag_needed", "warning", 100.0, frag_needed={"ipv4_sent": 1000})
+    ff = F("frag.fragmentation_failed", "warning", 100.0, fragmentation_failed={"ipv4": 1000, "ipv6": 0})
+    top = _top_reasons(3000, 300.0, 300.0, [("OTHERHOST", 2000), ("PKT_TOO_BIG", 1000)], [])
+    out = ranked([top, ff, pm])
+    assert ids(out) == ["drops.top_reasons", "mtu.pmtu_frag_needed"]
+    assert top.evidence["explained_by_fragmentation"] == 1000 and top.impact == pytest.approx(200.0)
+    # No frag finding: nothing to explain them.
+    top = _top_reasons(1000, 100.0, 100.0, [("PKT_TOO_BIG", 1000)], [])
+    assert ids(triage.correlate([top])) == ["drops.top_reasons"] and "explained_by_fragmentation" not in top.evidence
+
+
 def test_audit_folds_into_the_live_finding_without_duplicate_sysctls():
     live = Finding(id="drops.socket_receive_buffer", probe="drops", severity="warning", title="t",
                    summary="s", evidence={"drops": 9}, remediation=["sysctl -w net.core.rmem_max=16777216"],
