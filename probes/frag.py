@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from prometheus_client.core import CounterMetricFamily
 
 from ..daemon import sysctl
+from ..daemon.mtuaudit import OVERHEAD
 from ..daemon.snmp import SnmpFiles
 from .base import Finding, Hook, Mode, Probe, Reading, Window
 
@@ -31,6 +32,8 @@ COUNTERS = {
     "dest_unreach_out": (("Icmp", "OutDestUnreachs"), "Icmp6OutDestUnreachs"),
 }
 FRAG_DROP_REASONS = ("PKT_TOO_BIG", "FRAG_REASM_TIMEOUT", "DUP_FRAG", "FRAG_TOO_FAR")
+# Tunnel kinds (daemon/mtuaudit.py's): with one up, fragmentation is most likely its overhead.
+OVERLAY_KINDS = frozenset(OVERHEAD)
 
 
 def parse_sockstat_frag(text: str, tag: str) -> int | None:
@@ -143,17 +146,25 @@ class FragProbe(Probe):
         rate = window.rate(sum(created.values()))
         common = {"pkt_too_big_drops": drops.get("PKT_TOO_BIG", 0), "window_seconds": round(window.seconds, 1)}
         if sum(created.values()) and rate >= cfg.frag_rate_warning:
+            smaller, largest, overlay = self._smaller_links()
+            where = ("typically an overlay (VXLAN/Geneve/IPIP/WireGuard) whose overhead was not taken "
+                     "off the pod MTU")
+            if smaller and not overlay:
+                where = ("here the node's own links differ: " +
+                         ", ".join(f"{l['name']} (MTU {l['mtu']})" for l in smaller) +
+                         f" below the {largest} of the others, so what it forwards onto them from "
+                         "the bigger ones is fragmented")
+            extra = {"smaller_links": smaller, "largest_link_mtu": largest} if smaller else {}
             findings.append(Finding(
                 id="frag.fragmentation_active", probe=self.name, severity="warning",
                 title="The node is fragmenting packets",
                 summary=(f"This node created {sum(created.values())} IP fragments in "
                          f"{window.seconds:.0f}s ({rate:.1f}/s). Fragmentation means a path MTU is "
-                         "smaller than what senders use: typically an overlay (VXLAN/Geneve/IPIP/"
-                         "WireGuard) whose overhead was not taken off the pod MTU. Fragments cost CPU, "
+                         f"smaller than what senders use: {where}. Fragments cost CPU, "
                          "break through NAT/conntrack and firewalls, and any lost fragment loses the "
                          "packet."),
                 evidence={"fragments_created": created, "fragmentation_failed": failed,
-                          "fragments_created_per_second": round(rate, 3), **common},
+                          "fragments_created_per_second": round(rate, 3), **extra, **common},
                 claims=("fragments_created",),
                 remediation=[
                     "find the MTU mismatch: see the mtu probe's findings (mtu.mismatch), or "
@@ -191,6 +202,23 @@ class FragProbe(Probe):
         if sum(rfail.values()) or sum(rtime.values()):
             findings.append(self._reassembly(window, rfail, rtime, drops))
         return findings
+
+    def _smaller_links(self) -> tuple[list[dict], int | None, bool]:
+        """From the mtu probe's last audit, the up links of the daemon's netns (not loopback)
+        whose MTU is below the largest: the links the node fragments for when it forwards from
+        the others. Also that largest MTU, and whether an overlay device is up there."""
+        mtu = self.peers.get("mtu")
+        snap = getattr(mtu, "audit_snapshot", None)
+        own = getattr(mtu, "own_ino", None)
+        if snap is None or own is None:
+            return [], None, False
+        links = [l for l in snap.links if l.netns == own and l.up and l.kind != "loopback" and l.mtu]
+        overlay = any(l.kind in OVERLAY_KINDS for l in links)
+        if not links:
+            return [], None, overlay
+        largest = max(l.mtu for l in links)
+        smaller = sorted((l for l in links if l.mtu < largest), key=lambda l: (l.mtu, l.name))
+        return [{"name": l.name, "kind": l.kind, "mtu": l.mtu} for l in smaller[:5]], largest, overlay
 
     def _reassembly(self, window: Window, rfail: dict[str, int], rtime: dict[str, int],
                     drops: dict[str, int]) -> Finding:

@@ -7,8 +7,7 @@ import ipaddress
 
 import pytest
 
-from dnslab import (K8S_SEARCH, Dnsmasq, ScriptedServer, Unbound, concurrent_queries, queries, resolve_with_search,
-                    route_pods)
+from dnslab import Dnsmasq, ScriptedServer, Unbound, concurrent_queries, queries, resolve_with_search, route_pods
 from harness import Incident
 from netlab import closed_udp_port
 
@@ -230,6 +229,9 @@ def test_dns_refused():
     assert {"name": "*.internal.corp", "rcode": "REFUSED", "count": 30} in ev["top_names"]
 
 
+SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+
+
 def test_dns_search_path_storm():
     """A pod resolves an external name with the Kubernetes search list and ndots:5: each
     lookup is tried under default.svc.cluster.local, svc.cluster.local and cluster.local
@@ -240,7 +242,7 @@ def test_dns_search_path_storm():
         inc.start()
         inc.fault()
         for _ in range(10):
-            answer, tried = resolve_with_search(pod.ns, pod.node_ip4, "api.example", K8S_SEARCH, ndots=5)
+            answer, tried = resolve_with_search(pod.ns, pod.node_ip4, "api.example", SEARCH, ndots=5)
             assert answer == "api.example." and len(tried) == 4
         rep = inc.expect_top("dns.search_path_amplification", allowed=set())
     top = rep["findings"][0]
@@ -261,7 +263,7 @@ def test_dns_search_path_many_names():
         inc.start()
         inc.fault()
         for i in range(12):
-            answer, _ = resolve_with_search(pod.ns, pod.node_ip4, f"api{i % 8}.ok.test", K8S_SEARCH, ndots=5)
+            answer, _ = resolve_with_search(pod.ns, pod.node_ip4, f"api{i % 8}.ok.test", SEARCH, ndots=5)
             assert answer == f"api{i % 8}.ok.test."
         rep = inc.expect_top("dns.search_path_amplification")
     ev = rep["findings"][0]["evidence"]

@@ -297,6 +297,8 @@ def test_fragmentation_active():
     top = top_of(rep)
     assert top["evidence"]["fragments_created"] == {"ipv4": 20, "ipv6": 0}
     assert top["evidence"]["fragmentation_failed"] == {"ipv4": 0, "ipv6": 0}
+    assert top["evidence"]["smaller_links"] == [{"name": b.veth_node, "kind": "veth", "mtu": 1400}]
+    assert f"{b.veth_node} (MTU 1400) below the 1500 of the others" in top["summary"]
     assert sink.received == [BIG] * 10
 
 

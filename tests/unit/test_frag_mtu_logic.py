@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from dpwatch.daemon import sysctl
 from dpwatch.daemon.config import Config
-from dpwatch.daemon.mtuaudit import Issue, cni_remediation
+from dpwatch.daemon.mtuaudit import Issue, Link, Snapshot, cni_remediation
 from dpwatch.daemon.snmp import parse_snmp, parse_snmp6
 from dpwatch.probes.base import Finding, Window
 from dpwatch.probes.frag import COUNTERS, FRAG_DROP_REASONS, FragProbe, counters_from_snmp, parse_sockstat_frag
@@ -287,6 +287,34 @@ def test_frag_fragmentation_active_exact(frag_sysctls):
                           "window_seconds": 20.0}
     assert len(f.remediation) == 2
     assert f.impact == pytest.approx(2.0)
+
+
+def _link(name, kind, mtu, netns=1, up=True):
+    return Link(netns=netns, ifindex=hash(name) % 1000, name=name, kind=kind, mtu=mtu, up=up, master=None,
+                lower=None, peer=None, underlay_family=None)
+
+
+def test_frag_fragmentation_active_names_the_smaller_links(frag_sysctls):
+    """With the mtu probe's audit at hand: the node's own links that are below the others are
+    where it fragments (no overlay up); pods' ends, down links and lo do not count."""
+    p = FragProbe(Config())
+    links = [_link("lo", "loopback", 65536), _link("veth-a", "veth", 1500), _link("veth-b", "veth", 1400),
+             _link("eth9", "device", 1280, up=False), _link("eth0", "veth", 1400, netns=2)]
+    p.peers = {"mtu": SimpleNamespace(audit_snapshot=Snapshot(links, [], [], 0, own_netns=1), own_ino=1)}
+    new = frag_reading({("frag_creates", "ipv4"): 20})
+    (f,) = p.diagnose(Window(10, None, new))
+    assert f.evidence["smaller_links"] == [{"name": "veth-b", "kind": "veth", "mtu": 1400}]
+    assert f.evidence["largest_link_mtu"] == 1500
+    assert ("here the node's own links differ: veth-b (MTU 1400) below the 1500 of the others" in f.summary
+            and "typically an overlay" not in f.summary)
+    # An overlay up: its overhead is the likelier cause, as without the audit.
+    links.append(_link("vxlan0", "vxlan", 1450))
+    (f,) = p.diagnose(Window(10, None, new))
+    assert "typically an overlay" in f.summary
+    # All equal: nothing to name.
+    p.peers["mtu"].audit_snapshot = Snapshot([_link("veth-a", "veth", 1500)], [], [], 0, own_netns=1)
+    (f,) = p.diagnose(Window(10, None, new))
+    assert "smaller_links" not in f.evidence and "typically an overlay" in f.summary
 
 
 def test_frag_reassembly_failures_exact(frag_sysctls):
