@@ -1,7 +1,9 @@
 """MTU, path-MTU and fragmentation incidents: a link narrower than its neighbours (a veth pair
 with unequal ends in either direction, bridge ports that differ, an overlay too big for its
 underlay), a router that answers packets too big with frag-needed (ICMP delivered, or filtered:
-a PMTU black hole; IPv4 and IPv6), fragmentation without a mismatch, and reassembly timeouts.
+a PMTU black hole, at the node or in the sending pod; IPv4 and IPv6), fragmentation without a
+mismatch, reassembly timeouts and reassembly memory filled by incomplete fragment sets, and a
+mismatch with the fragmentation it causes.
 
 The daemon runs with its default flags: no --mtu-all-netns, so the pod end of each veth is read
 by nsid. Faults on links are made after the daemon is up (the link watch and the peer poll must
