@@ -11,6 +11,8 @@ Then the report becomes more than their sum (``correlate``):
 - DNS timeouts while the conntrack table is full and drops at least as many packets fold
   into conntrack.table_full; NXDOMAINs that the search-path walk explains fold into
   dns.search_path_amplification.
+- DNS timeouts next to at least as many netfilter drops say so (a rule may drop DNS); both
+  stay, since the drops probe does not see ports.
 - DNS lookups that failed (timeouts, SERVFAIL/REFUSED) rank above NXDOMAIN findings of the
   same window, whatever their rates: an NXDOMAIN is an answer.
 - Fragmentation, reassembly failures and frag-needed messages next to an MTU mismatch are
@@ -151,6 +153,20 @@ def correlate(findings: list[Finding]) -> list[Finding]:
                                 "new UDP flows need a conntrack entry too, so lookups fail with the rest.")
             full[0].impact += d.impact
             drop.add(id(d))
+
+    # 2b'. DNS timeouts next to at least as many netfilter drops: a rule may be dropping the
+    # queries or their answers. The drops probe does not see ports, so both stay (the timeouts
+    # first, as the symptom clients feel); the timeouts say so and how to look.
+    nf = [f for f in _take(out, "drops.netfilter") if id(f) not in drop]
+    for d in [f for f in _take(out, "dns.timeouts") if id(f) not in drop]:
+        nf_drops = sum(int(f.evidence.get("unexplained_drops", f.evidence.get("drops", 0))) for f in nf)
+        if nf_drops >= int(d.evidence.get("timeouts", 0)) > 0:
+            d.evidence["netfilter_drops_in_window"] = nf_drops
+            d.summary += (f" Netfilter dropped {nf_drops} packets in the same window (drops.netfilter): "
+                          "if these queries or their answers are among them, a firewall rule or "
+                          "NetworkPolicy blocks DNS.")
+            d.remediation.insert(0, "nft list ruleset -a | grep -E 'dport 53|sport 53|drop'   "
+                                    "# a rule (or a NetworkPolicy's) that drops DNS")
 
     # 2c. NXDOMAIN answers that the search-path walk produced are one finding, not two.
     for amp in _take(out, "dns.search_path_amplification"):

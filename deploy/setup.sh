@@ -50,6 +50,8 @@ if [ "$want_test" = 1 ] || [ "$want_bench" = 1 ]; then
   pkgs+=(chromium iptables)
   # the DNS probe's tests run real resolvers in netns (dnsmasq comes with dnsmasq-base)
   pkgs+=(unbound)
+  # the incident library's healthy bulk transfer between pods
+  pkgs+=(iperf3)
   # the softirq probe's bench stage runs bcc's softirqs tool (/usr/sbin/softirqs-bpfcc) side by side
   pkgs+=(bpfcc-tools)
 fi

@@ -31,6 +31,8 @@ import time
 from netlab import Lab, in_netns, sh
 
 OK_A = "192.0.2.10"
+# A pod's search list in namespace "default" (kubelet's resolv.conf, with ndots:5)
+K8S_SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
 
 
 def route_pods(lab: Lab) -> None:

@@ -7,7 +7,9 @@ import ipaddress
 
 import pytest
 
-from dnslab import Dnsmasq, ScriptedServer, Unbound, concurrent_queries, queries, resolve_with_search, route_pods
+from dnslab import (K8S_SEARCH, Dnsmasq, ScriptedServer, Unbound, concurrent_queries, queries, resolve_with_search,
+                    route_pods)
+from faults import nft_drop
 from harness import Incident
 from netlab import closed_udp_port
 
@@ -229,9 +231,6 @@ def test_dns_refused():
     assert {"name": "*.internal.corp", "rcode": "REFUSED", "count": 30} in ev["top_names"]
 
 
-SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
-
-
 def test_dns_search_path_storm():
     """A pod resolves an external name with the Kubernetes search list and ndots:5: each
     lookup is tried under default.svc.cluster.local, svc.cluster.local and cluster.local
@@ -242,7 +241,7 @@ def test_dns_search_path_storm():
         inc.start()
         inc.fault()
         for _ in range(10):
-            answer, tried = resolve_with_search(pod.ns, pod.node_ip4, "api.example", SEARCH, ndots=5)
+            answer, tried = resolve_with_search(pod.ns, pod.node_ip4, "api.example", K8S_SEARCH, ndots=5)
             assert answer == "api.example." and len(tried) == 4
         rep = inc.expect_top("dns.search_path_amplification", allowed=set())
     top = rep["findings"][0]
@@ -263,10 +262,29 @@ def test_dns_search_path_many_names():
         inc.start()
         inc.fault()
         for i in range(12):
-            answer, _ = resolve_with_search(pod.ns, pod.node_ip4, f"api{i % 8}.ok.test", SEARCH, ndots=5)
+            answer, _ = resolve_with_search(pod.ns, pod.node_ip4, f"api{i % 8}.ok.test", K8S_SEARCH, ndots=5)
             assert answer == f"api{i % 8}.ok.test."
         rep = inc.expect_top("dns.search_path_amplification")
     ev = rep["findings"][0]["evidence"]
     assert ev["wasted_queries"] == 36 and ev["wasted_percent"] == 75.0
     assert len(ev["names"]) == 8 and {n["name"] for n in ev["names"]} == {"*.ok.test"}  # --dns-names suffix
     assert ev["related"]["dns.nxdomain_rate"]["nxdomain"] == 36
+
+
+def test_dns_blocked_by_policy():
+    """A NetworkPolicy deny on DNS: the node's firewall drops the pods' queries to its dnsmasq
+    (udp dport 53 drop), so each one times out."""
+    with Incident("dns_blocked_by_policy") as inc:
+        pod = inc.lab.pod
+        dnsmasq(inc)
+        nft_drop(inc, "udp dport 53 drop")
+        inc.start()
+        inc.fault()
+        seen = queries(pod.ns, pod.node_ip4, [("ok.test", "A")] * 12, timeout=0.3)
+        assert seen == {"timeout": 12}
+        rep = inc.expect_top("dns.timeouts", allowed={"drops.netfilter"})
+    top = rep["findings"][0]
+    assert top["evidence"]["timeouts"] == 12 and top["severity"] == "critical"
+    assert top["evidence"]["netfilter_drops_in_window"] >= 12 and "NetworkPolicy blocks DNS" in top["summary"]
+    nf = next(f for f in rep["findings"] if f["id"] == "drops.netfilter")
+    assert nf["evidence"]["drops"] >= 12   # the same queries, dropped at the node's input

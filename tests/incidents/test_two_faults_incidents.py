@@ -4,12 +4,10 @@ cross-probe rules of daemon/triage.py.correlate() (docs/findings.md, "Ranking").
 
 from __future__ import annotations
 
-from dnslab import Dnsmasq, ScriptedServer, concurrent_queries, queries, resolve_with_search, route_pods
+from dnslab import (K8S_SEARCH, Dnsmasq, ScriptedServer, concurrent_queries, queries, resolve_with_search,
+                    route_pods)
 from harness import Incident, above_info
 from netlab import closed_udp_port, sh
-
-SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
-
 
 def ids(rep: dict) -> list[str]:
     return [f["id"] for f in above_info(rep)]
@@ -54,7 +52,7 @@ def test_dns_servfail_and_search_path_storm():
         inc.start()
         inc.fault()
         for _ in range(60):
-            answer, _ = resolve_with_search(p1.ns, p1.node_ip4, "api.example", SEARCH, ndots=5)
+            answer, _ = resolve_with_search(p1.ns, p1.node_ip4, "api.example", K8S_SEARCH, ndots=5)
             assert answer == "api.example."
         seen = concurrent_queries([(p0.ns, p0.node_ip4, [(f"servfail.db{i}.corp", "A") for i in range(16)]
                                     + [(f"web{i}.test", "A") for i in range(24)])])

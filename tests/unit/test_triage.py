@@ -262,6 +262,18 @@ def test_nxdomain_explained_by_search_path_amplification():
         ["dns.nxdomain_rate", "dns.search_path_amplification"]
 
 
+def test_dns_timeouts_next_to_netfilter_drops_say_so():
+    t = F("dns.timeouts", "critical", 1.2, timeouts=12)
+    nf = F("drops.netfilter", "warning", 1.2, drops=12)
+    out = ranked([nf, t])
+    assert ids(out) == ["dns.timeouts", "drops.netfilter"]
+    assert t.evidence["netfilter_drops_in_window"] == 12 and "NetworkPolicy blocks DNS" in t.summary
+    assert t.remediation[0].startswith("nft list ruleset")
+    few = F("dns.timeouts", "critical", 1.2, timeouts=12)
+    triage.correlate([F("drops.netfilter", "warning", 0.5, drops=5), few])
+    assert "netfilter_drops_in_window" not in few.evidence
+
+
 def test_dns_failures_rank_above_nxdomain_findings():
     """A storm of NXDOMAINs (16/s) next to a few timeouts (0.8/s, a warning): the timeouts
     first; the same for errors next to search-path amplification. Without a failure the

@@ -1,0 +1,139 @@
+"""Healthy nodes under ordinary load: whatever the traffic, nothing above info. A finding
+here is a rule that calls normal work a problem (the incidents' false alarms)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from dnslab import K8S_SEARCH, Dnsmasq, concurrent_queries, resolve_with_search, route_pods
+from harness import Incident
+from netlab import sh
+from test_conntrack_kernel import Holder, open_connections  # the kernel tier's helpers
+
+def background(inc, ns: str, *cmd: str) -> subprocess.Popen:
+    """A long-running program in netns ``ns`` (its own pid kept), killed at close."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def stop():
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    inc.on_close(stop)
+    return proc
+
+
+def wait_listening(ns: str, port: int, proto: str = "t") -> None:
+    deadline = time.monotonic() + 10
+    while f":{port} " not in sh("ss", f"-Hln{proto}", ns=ns, check=False).stdout:
+        assert time.monotonic() < deadline, f"nothing listens on {port} in {ns}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("sockperf") is None, reason="sockperf is not installed")
+def test_healthy_tcp_request_response():
+    """Pod to pod through the node (routed): sockperf TCP ping-pong at 1000 round trips a
+    second for 4 s, then the same over UDP."""
+    with Incident("healthy_tcp_request_response", pods=2) as inc:
+        route_pods(inc.lab)
+        p0, p1 = inc.lab.pod_list
+        background(inc, p1.ns, "sockperf", "server", "-i", p1.ip4, "-p", "11111", "--tcp")
+        background(inc, p1.ns, "sockperf", "server", "-i", p1.ip4, "-p", "11112")
+        wait_listening(p1.ns, 11111)
+        inc.start()
+        for extra in (["--tcp"], []):
+            port = "11111" if extra else "11112"
+            out = sh("sockperf", "ping-pong", "-i", p1.ip4, "-p", port, *extra, "-t", "4",
+                     "--mps", "1000", ns=p0.ns).stdout
+            got = re.search(r"ReceivedMessages=(\d+)", out)
+            assert got and int(got.group(1)) >= 3000, out
+        inc.expect_healthy(settle=1)
+
+
+def test_healthy_dns_load():
+    """A few hundred fast lookups to dnsmasq on the node from two pods at once: A and AAAA of
+    existing names, a few NXDOMAINs (a name that went away), and cluster names resolved the
+    Kubernetes way (kubernetes.default with the search list: one NXDOMAIN under
+    default.svc.cluster.local, then the answer): 11% NXDOMAIN, under the 20% threshold."""
+    with Incident("healthy_dns_load", pods=2) as inc:
+        route_pods(inc.lab)
+        p0, p1 = inc.lab.pod_list
+        server = Dnsmasq(inc.lab.node, [p0.node_ip4], extra=(
+            "--address=/ok.test/2001:db8::10",   # an AAAA too (with only an A, dnsmasq refuses AAAA)
+            "--address=/kubernetes.default.svc.cluster.local/10.96.0.1"))
+        inc.on_close(server.close)
+        inc.start()
+        names = [("ok.test", "A"), ("ok.test", "AAAA"), ("api.example", "A")] * 95 + [("old.nx.test", "A")] * 15
+        seen = concurrent_queries([(p0.ns, p0.node_ip4, names[::2]), (p1.ns, p0.node_ip4, names[1::2])])
+        assert seen == {"NOERROR": 285, "NXDOMAIN": 15}
+        for _ in range(20):
+            answer, _ = resolve_with_search(p0.ns, p0.node_ip4, "kubernetes.default", K8S_SEARCH, ndots=5)
+            assert answer == "kubernetes.default.svc.cluster.local."
+        inc.expect_healthy(settle=1)
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
+def test_healthy_bulk_transfer():
+    """A bulk transfer between two pods through the node: iperf3 TCP for 5 s at 2 Gbit/s,
+    then 1 kB UDP datagrams at 20 Mbit/s for 3 s. (Unlimited, iperf3 keeps both vCPUs of the
+    test VM busy, and the hypervisor then steals 5-8% of them: a true cpu.steal, of the VM.)"""
+    with Incident("healthy_bulk_transfer", pods=2) as inc:
+        route_pods(inc.lab)
+        p0, p1 = inc.lab.pod_list
+        background(inc, p1.ns, "iperf3", "-s", "-B", p1.ip4, "-p", "5201")
+        wait_listening(p1.ns, 5201)
+        inc.start()
+        tcp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-t", "5", "-b", "2G", "-J", ns=p0.ns).stdout
+        assert '"sum_received"' in tcp
+        udp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-u", "-b", "20M", "-l", "1000", "-t", "3", "-J",
+                 ns=p0.ns).stdout
+        assert '"lost_packets"' in udp
+        inc.expect_healthy(settle=1)
+
+
+CT_RULES = """table inet dpwhealthy {
+  chain input {
+    type filter hook input priority 0;
+    ct state established,related accept
+    ct state new accept
+  }
+}
+"""
+
+
+def test_healthy_conntrack_in_use():
+    """Conntrack on in the node netns (an nftables ct state ruleset) and in moderate use: 200
+    TCP connections from a pod held open, 300 more opened and closed, 200 DNS lookups over UDP
+    (a flow each): several hundred entries, far under nf_conntrack_max."""
+    with Incident("healthy_conntrack_in_use") as inc:
+        pod = inc.lab.pod
+        sh("nft", "-f", "-", ns=inc.lab.node, input=CT_RULES)
+        holder = Holder(inc.lab.node, pod.node_ip4)
+        inc.on_close(holder.close)
+        server = Dnsmasq(inc.lab.node, [pod.node_ip4])
+        inc.on_close(server.close)
+        inc.start()
+        held = []
+        for _ in range(4):
+            conns, pending = open_connections(pod.ns, pod.node_ip4, holder.port, 50)
+            assert pending == 0
+            held += conns
+        inc.on_close(lambda: [c.close() for c in held])
+        for _ in range(3):
+            conns, pending = open_connections(pod.ns, pod.node_ip4, holder.port, 100)
+            assert pending == 0
+            for c in conns:
+                c.close()
+        assert concurrent_queries([(pod.ns, pod.node_ip4, [("ok.test", "A")] * 200)]) == {"NOERROR": 200}
+        entries = int(sh("conntrack", "-C", ns=inc.lab.node).stdout.strip())
+        assert 500 <= entries < 2000, entries
+        inc.expect_healthy(settle=1)
