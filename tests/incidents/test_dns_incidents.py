@@ -288,3 +288,64 @@ def test_dns_blocked_by_policy():
     assert top["evidence"]["netfilter_drops_in_window"] >= 12 and "NetworkPolicy blocks DNS" in top["summary"]
     nf = next(f for f in rep["findings"] if f["id"] == "drops.netfilter")
     assert nf["evidence"]["drops"] >= 12   # the same queries, dropped at the node's input
+
+
+def test_dns_server_down():
+    """Nothing listens on the DNS address any more (CoreDNS crashed, its Service address still
+    routed): each query gets an ICMP port unreachable, which a resolver's unconnected socket
+    never sees, so every lookup times out. The NO_SOCKET drops are too few to matter."""
+    with Incident("dns_server_down") as inc:
+        pod = inc.lab.pod
+        inc.start()
+        inc.fault()
+        seen = queries(pod.ns, pod.node_ip4, [(f"web{i}.test", "A") for i in range(12)], timeout=0.3)
+        assert seen == {"timeout": 12}
+        rep = inc.expect_top("dns.timeouts")
+    top = rep["findings"][0]
+    assert top["evidence"]["timeouts"] == 12 and top["evidence"]["responses"] == 0
+    assert top["severity"] == "critical"
+
+
+def test_dns_one_of_two_servers_slow():
+    """Two DNS servers behind the pods (two CoreDNS replicas; each pod uses one): one answers
+    after 400 ms, the other at once. Slow DNS, and by_server names the slow one."""
+    with Incident("dns_one_of_two_servers_slow", pods=2) as inc:
+        route_pods(inc.lab)
+        p0, p1 = inc.lab.pod_list
+        scripted(inc, p0.node_ip4)
+        scripted(inc, p1.node_ip4)
+        inc.start()
+        inc.fault()
+        seen = concurrent_queries([(p0.ns, p0.node_ip4, [(f"delay400.q{i}.test", "A") for i in range(20)]),
+                                   (p1.ns, p1.node_ip4, [(f"fast.q{i}.test", "A") for i in range(20)])])
+        assert seen == {"NOERROR": 40}
+        rep = inc.expect_top("dns.latency_high")
+    ev = rep["findings"][0]["evidence"]
+    assert ev["answers"] == 40 and ev["answers_over_threshold"] == 20
+    servers = {s["server"]: s for s in ev["by_server"]}
+    assert servers[p0.node_ip4]["mean_latency_ms"] >= 400 > 50 > servers[p1.node_ip4]["mean_latency_ms"]
+
+
+@pytest.mark.skipif(not Unbound.available, reason="unbound is not installed")
+def test_dns_servfail_from_unbound():
+    """A real unbound on the node whose stub zone's upstream refuses every query: unbound
+    answers the pod SERVFAIL (and its own queries upstream get REFUSED)."""
+    with Incident("dns_servfail_from_unbound", pods=2) as inc:
+        p0, p1 = inc.lab.pod_list
+        scripted(inc, p1.ip4, p1.ns)
+        resolver = Unbound(inc.lab.node, p0.node_ip4, extra=(
+            "  qname-minimisation: no\n"
+            '  local-zone: "corp.test." transparent\n'
+            f'stub-zone:\n  name: "corp.test."\n  stub-addr: {p1.ip4}\n'))
+        inc.on_close(resolver.close)
+        inc.start()
+        inc.fault()
+        seen = concurrent_queries([(p0.ns, p0.node_ip4, [(f"refused.db{i}.corp.test", "A") for i in range(20)]
+                                    + [("ok.test", "A")] * 20)], timeout=3)
+        assert seen == {"SERVFAIL": 20, "NOERROR": 20}, seen
+        rep = inc.expect_top("dns.errors")
+    top = rep["findings"][0]
+    ev = top["evidence"]
+    assert ev["servfail"] == 20 and ev["refused"] >= 20 and top["severity"] == "critical"
+    servers = {s["server"]: s for s in ev["by_server"]}
+    assert servers[p0.node_ip4]["servfail"] == 20 and servers[p1.ip4]["refused"] >= 20
