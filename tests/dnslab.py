@@ -1,7 +1,7 @@
 """Real DNS servers and clients in network namespaces, for the DNS probe's tests and bench.
 
-- Dnsmasq: Debian's dnsmasq in a netns (NOERROR for ok.test and api.example, NXDOMAIN for
-  nx.test and everything under cluster.local, REFUSED for any other name).
+- Dnsmasq: Debian's dnsmasq in a netns (NOERROR for ok.test and api.example, A and AAAA,
+  NXDOMAIN for nx.test and everything under cluster.local, REFUSED for any other name).
 - Unbound: Debian's unbound in a netns (a static local zone: NOERROR, NXDOMAIN, REFUSED for
   names outside its zones); only when unbound is installed.
 - ScriptedServer: a small dnslib server in the test process (a socket made inside the netns)
@@ -31,6 +31,7 @@ import time
 from netlab import Lab, in_netns, sh
 
 OK_A = "192.0.2.10"
+OK_AAAA = "2001:db8::10"   # with an A only, dnsmasq (no upstream) would answer AAAA with REFUSED
 # A pod's search list in namespace "default" (kubelet's resolv.conf, with ndots:5)
 K8S_SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
 
@@ -96,8 +97,9 @@ class Dnsmasq(_Proc):
         cmd = ["ip", "netns", "exec", ns, shutil.which("dnsmasq") or "/usr/sbin/dnsmasq",
                "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
                "--user=root", "--bind-interfaces", "--cache-size=0", f"--port={port}",
-               f"--address=/ok.test/{OK_A}", "--address=/nx.test/",
-               f"--address=/api.example/{OK_A}", "--address=/cluster.local/",
+               f"--address=/ok.test/{OK_A}", f"--address=/ok.test/{OK_AAAA}", "--address=/nx.test/",
+               f"--address=/api.example/{OK_A}", f"--address=/api.example/{OK_AAAA}",
+               "--address=/cluster.local/",
                "--pid-file=", *[f"--listen-address={a}" for a in addrs], *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
@@ -212,7 +214,7 @@ class ScriptedServer:
                 if first.startswith("delay") and first[5:].isdigit():
                     delay = int(first[5:]) / 1000.0
                 if q.q.qtype == QTYPE.AAAA:
-                    reply.add_answer(RR(q.q.qname, QTYPE.AAAA, rdata=AAAA("2001:db8::10"), ttl=5))
+                    reply.add_answer(RR(q.q.qname, QTYPE.AAAA, rdata=AAAA(OK_AAAA), ttl=5))
                 else:
                     reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(OK_A), ttl=5))
             wire, rcode = reply.pack(), RCODE.get(reply.header.rcode)
