@@ -54,6 +54,10 @@ AUDIT_FOLDS: dict[str, tuple[str, ...]] = {
     "drops.socket_receive_buffer": ("node.socket_buffers_small",),
     "softnet.backlog_drops": ("node.netdev_max_backlog_low",),
 }
+# One event counted by two probes: the first id keeps the names (rule 3b).
+SAME_EVENT: dict[str, tuple[str, ...]] = {
+    "node.listen_queue_overflow": ("drops.listen_overflow", "node.somaxconn_low"),
+}
 # DNS lookups that failed, and NXDOMAIN findings (answers), which rank below them (rule 2c').
 DNS_FAILURES = ("dns.timeouts", "dns.errors", "triage.dns_conntrack_race")
 DNS_NEGATIVE = ("dns.nxdomain_rate", "dns.search_path_amplification")
@@ -81,13 +85,16 @@ def _scalars(ev: dict[str, Any], limit: int = 8) -> dict[str, Any]:
     return out
 
 
-def _fold(into: Finding, other: Finding, note: dict[str, Any] | None = None) -> None:
+def _fold(into: Finding, other: Finding, note: dict[str, Any] | None = None,
+          merge_remediation: bool = True) -> None:
     """Put ``other`` under ``into``'s related evidence; its impact joins ``into``'s."""
     related = into.evidence.setdefault("related", {})
     entry = {"title": other.title, "severity": other.severity, **_scalars(other.evidence)}
     if note:
         entry.update(note)
     related[other.id] = entry
+    if not merge_remediation:
+        return
     keys = {_sysctl_key(r) for r in into.remediation}
     for step in other.remediation:
         key = _sysctl_key(step)
@@ -251,6 +258,20 @@ def correlate(findings: list[Finding]) -> list[Finding]:
                                      "datagrams dropped at the smaller end (the kernel counts that "
                                      "ENOBUFS as SndbufErrors), not small socket buffers.")
                     drop.add(id(f))
+
+    # 3b. The same events seen twice: the finding with the names keeps them. A listener's
+    # overflow is counted by the node probe (sock_diag, TcpExt: it names the socket and says
+    # whether somaxconn caps it) and, where the kernel gives a drop reason, by the drops probe,
+    # whose somaxconn advice is blind: its fix lines are not merged.
+    for keep_id, others in SAME_EVENT.items():
+        keep = next((f for f in _take(out, keep_id) if id(f) not in drop), None)
+        for oid in others if keep else ():
+            for o in [f for f in _take(out, oid) if id(f) not in drop]:
+                _fold(keep, o, merge_remediation=False)
+                keep.impact = max(keep.impact, o.impact)  # the same events: the larger, not the sum
+                if SEVERITY_RANK[o.severity] > SEVERITY_RANK[keep.severity]:
+                    keep.severity = o.severity
+                drop.add(id(o))
 
     # 3c. Drops that are the fragmentation story's own packets (drop reasons PKT_TOO_BIG and the
     # reassembly ones, and unreasoned drops in the reassembly code: fragments refused while its
@@ -568,7 +589,7 @@ def build_report(manager, ring: SnapshotRing, window_seconds: float, features) -
 
 EXIT_CODES = {"ok": 0, "warning": 1, "critical": 2}
 # Remediation lines starting with one of these are shown as shell commands ("$ ...").
-SHELL_COMMANDS = frozenset({"sysctl", "nft", "iptables-save", "conntrack", "ss", "ip", "perf",
+SHELL_COMMANDS = frozenset({"sysctl", "nft", "iptables-save", "conntrack", "ss", "ip", "perf", "nstat",
                             "ethtool", "tc", "kubectl", "echo", "cat", "helm", "nsenter", "modprobe"})
 LIST_ROWS = 8  # rows of an evidence list shown in text (JSON has them all)
 

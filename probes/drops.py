@@ -237,13 +237,16 @@ class DropsProbe(Probe):
                 title="TCP accept queues overflow",
                 summary=(f"{ev['drops']} connection attempts were dropped because a listener's accept "
                          f"queue was full ({ev['drops_per_second']}/s). The application accepts too "
-                         f"slowly or its backlog is capped by net.core.somaxconn={somaxconn}."),
+                         f"slowly, or its listen() backlog is too small (net.core.somaxconn={somaxconn} "
+                         "caps it; the node probe's node.listen_queue_overflow names the listener and "
+                         "says whether somaxconn is what limits it)."),
                 evidence=ev, claims=("drops",),
                 remediation=[
-                    f"sysctl -w net.core.somaxconn={want}",
-                    f"sysctl -w net.ipv4.tcp_max_syn_backlog={max(want, syn_backlog or 0)}",
-                    f"raise the application's listen() backlog to {want} (e.g. nginx 'listen ... backlog={want}')",
-                    "find the listener: ss -ltn | awk '$2 >= $3' (Recv-Q at Send-Q means full)",
+                    "ss -ltn | awk '$2 >= $3'   # the full listener: Recv-Q at Send-Q; Send-Q is its backlog",
+                    f"a backlog below somaxconn ({somaxconn}): raise the application's listen() backlog "
+                    f"(e.g. nginx 'listen ... backlog={want}') or make it accept faster; no sysctl helps",
+                    f"only a backlog equal to somaxconn is capped by it: sysctl -w net.core.somaxconn={want}, "
+                    "then restart the application so it calls listen() again",
                 ],
                 impact=window.rate(by_reason["TCP_LISTEN_OVERFLOW"])))
 

@@ -301,10 +301,14 @@ def test_listen_overflow_finding(probe):
         "net.core.somaxconn": 4096,
         "net.ipv4.tcp_max_syn_backlog": 16384,
     }
-    assert f.remediation[:3] == [
-        "sysctl -w net.core.somaxconn=8192",
-        "sysctl -w net.ipv4.tcp_max_syn_backlog=16384",
-        "raise the application's listen() backlog to 8192 (e.g. nginx 'listen ... backlog=8192')",
+    # The drops probe cannot see the listener's backlog: somaxconn is advised only for a backlog
+    # it caps (node.listen_queue_overflow, which reads the listeners, says which).
+    assert f.remediation == [
+        "ss -ltn | awk '$2 >= $3'   # the full listener: Recv-Q at Send-Q; Send-Q is its backlog",
+        "a backlog below somaxconn (4096): raise the application's listen() backlog (e.g. nginx "
+        "'listen ... backlog=8192') or make it accept faster; no sysctl helps",
+        "only a backlog equal to somaxconn is capped by it: sysctl -w net.core.somaxconn=8192, then "
+        "restart the application so it calls listen() again",
     ]
     assert "net.core.somaxconn=4096" in f.summary
 
@@ -327,8 +331,7 @@ def test_remediation_with_small_and_unreadable_sysctls(probe, sysctls):
     assert rcv.remediation[:2] == ["sysctl -w net.core.rmem_max=4194304",
                                    "sysctl -w net.core.rmem_default=1048576"]
     assert rcv.evidence["net.core.rmem_max"] is None
-    assert found["drops.listen_overflow"].remediation[:2] == [
-        "sysctl -w net.core.somaxconn=4096", "sysctl -w net.ipv4.tcp_max_syn_backlog=4096"]
+    assert "sysctl -w net.core.somaxconn=4096," in found["drops.listen_overflow"].remediation[2]
 
 
 def test_remediation_never_lowers_sysctls(probe, sysctls):
@@ -337,8 +340,7 @@ def test_remediation_never_lowers_sysctls(probe, sysctls):
     found = by_id(probe.diagnose(mixed_window()))
     assert found["drops.socket_receive_buffer"].remediation[:2] == [
         "sysctl -w net.core.rmem_max=134217728", "sysctl -w net.core.rmem_default=16777216"]
-    assert found["drops.listen_overflow"].remediation[:2] == [
-        "sysctl -w net.core.somaxconn=131070", "sysctl -w net.ipv4.tcp_max_syn_backlog=262144"]
+    assert "sysctl -w net.core.somaxconn=131070," in found["drops.listen_overflow"].remediation[2]
 
 
 def test_not_drops_are_never_counted(probe):
@@ -640,9 +642,8 @@ def test_render_text_listen_overflow_commands(probe):
     findings = probe.diagnose(mixed_window())
     text = triage.render_text(make_report(findings, "warning", window=7.0, requested=7.0))
     assert "STATUS: WARNING  (3 warning)" in text
-    assert "\n     $ sysctl -w net.core.somaxconn=8192\n" in text
-    assert "\n     $ sysctl -w net.ipv4.tcp_max_syn_backlog=16384\n" in text
-    assert "\n     - raise the application's listen() backlog to 8192" in text
+    assert "\n     $ ss -ltn | awk '$2 >= $3'" in text
+    assert "\n     - only a backlog equal to somaxconn is capped by it: sysctl -w net.core.somaxconn=8192" in text
     assert "     drops_per_second              2.857" in text
 
 

@@ -515,3 +515,23 @@ def test_node_name_prefers_the_downward_api(monkeypatch):
     assert node_name() == socket.gethostname()
     monkeypatch.delenv("NODE_NAME")
     assert node_name() == socket.gethostname()
+
+
+def test_listen_overflow_counted_twice_is_one_finding_with_the_names():
+    """node.listen_queue_overflow (sock_diag: the listener, its backlog) and drops.listen_overflow
+    (the drop reason) are the same events: one finding, the named one, without the drops
+    probe's somaxconn advice; its severity the higher of the two, impact the larger."""
+    node = F("node.listen_queue_overflow", "warning", 50.0, listen_overflows_in_window=400)
+    node.remediation = ["raise the listen() backlog of 0.0.0.0:8080 to 128"]
+    drops = F("drops.listen_overflow", "critical", 80.0, drops=400)
+    drops.remediation = ["sysctl -w net.core.somaxconn=8192"]
+    low = F("node.somaxconn_low", "info", 0.0)
+    out = triage.correlate([drops, low, node])
+    assert ids(out) == ["node.listen_queue_overflow"]
+    f = out[0]
+    assert set(f.evidence["related"]) == {"drops.listen_overflow", "node.somaxconn_low"}
+    assert f.remediation == ["raise the listen() backlog of 0.0.0.0:8080 to 128"]
+    assert (f.severity, f.impact) == ("critical", 80.0)
+    # Without the node probe, the drops probe's finding still takes the audit's.
+    out = triage.correlate([F("drops.listen_overflow", "warning", 1.0, drops=3), F("node.somaxconn_low", "info")])
+    assert ids(out) == ["drops.listen_overflow"]
