@@ -12,6 +12,8 @@ notice them); every incident then sends real traffic through the fault, counted 
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import socket
 import struct
@@ -59,6 +61,7 @@ def through(src_ns: str, dst_ns: str, dst: str, family: int = socket.AF_INET, bi
 
 # -- the MTU audit: links that disagree ---------------------------------------------------------
 
+@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_mtu_veth_pod_end_bigger():
     """A pod's eth0 is 1500 behind a node veth of 1400, on a node whose other pods are 1500 on
     both ends: the pod's full-size frames vanish at the node end, small ones pass. The pod end
@@ -165,6 +168,7 @@ def test_overlay_mtu_too_big():
 
 # -- path MTU discovery -------------------------------------------------------------------------
 
+@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_pmtu_frag_needed_icmp_ok():
     """The node routes between pod A (1500) and pod B (1400 on both ends). A sends DF datagrams
     of 1472 bytes, three to each of five addresses of B: the first to each is refused with
