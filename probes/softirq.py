@@ -30,6 +30,7 @@ LE_SLOTS = range(8, HIST_SLOTS - 1)  # exported bucket bounds: 2^8 ns (256 ns) .
 COUNTER_WRAP = 1 << 32   # softnet_stat prints 32-bit counters
 IMBALANCE_MIN_SHARE = 0.10   # the busiest CPU must spend this share in net softirqs to call a skew
 STEAL_CRITICAL_FACTOR = 4    # steal at 4x the threshold is critical
+STEAL_MIN_SECONDS = 1.0      # and at least this much stolen from the CPU: a short window's blip is not steal
 SATURATED_CRITICAL = 0.90
 BACKLOG_CRITICAL_SHARE = 0.01  # backlog drops at 1% of the packets the CPUs processed
 BACKLOG_MAX = 1 << 18
@@ -483,7 +484,9 @@ def analyse(window: Window, cfg, probe: str, clk_tck: int, facts) -> list[Findin
     # cpu.steal -------------------------------------------------------------------------------------
     steal = {cpu: v / clk_tck / secs for cpu, v in _by_cpu(ticks, "steal").items()}
     slimit = cfg.softirq_steal_percent / 100.0
-    stolen = sorted(c for c, s in steal.items() if s >= slimit)
+    # Steal comes in bursts of 10 ms ticks: over a window of a few seconds (a daemon just
+    # started) 0.2 s of it reads 5%. The share must also be a second of CPU time or more.
+    stolen = sorted(c for c, s in steal.items() if s >= slimit and s * secs >= STEAL_MIN_SECONDS)
     if stolen:
         worst = max(steal[c] for c in stolen)
         findings.append(Finding(

@@ -11,7 +11,9 @@ incident's namespaces, and registers its own clean-up with ``inc.on_close``.
 - tcp_attempts(): connection attempts from a pod, each one SYN (closed before a retransmit);
 - sysctl_global(), conntrack_buckets(): a global kernel setting for the incident, restored
   at close;
-- stuck_listener(): a TCP server that listens with a tiny backlog and never accepts.
+- stuck_listener(): a TCP server that listens with a tiny backlog and never accepts;
+- TcpEcho / tcp_ping_pong(): a TCP echo server and request/response round trips to it (the
+  healthy nodes' ordinary load; blocking sockets, no busy polling).
 """
 
 from __future__ import annotations
@@ -178,3 +180,76 @@ def stuck_listener(inc, addr: str, backlog: int = 1) -> int:
     sock.bind((addr, 0))
     sock.listen(backlog)
     return sock.getsockname()[1]
+
+
+class TcpEcho:
+    """A TCP server on ``addr`` in netns ``ns`` that echoes what each connection sends, a thread
+    per connection. ``echoed`` counts the messages sent back."""
+
+    def __init__(self, ns: str, addr: str, port: int = 0):
+        self.sock = socket_in(ns, socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((addr, port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.echoed = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, name="tcp-echo", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                c, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self._conns.append(c)
+            threading.Thread(target=self._echo, args=(c,), name="tcp-echo-conn", daemon=True).start()
+
+    def _echo(self, c: socket.socket) -> None:
+        c.settimeout(5)
+        try:
+            while not self._stop.is_set():
+                data = c.recv(65536)
+                if not data:
+                    return
+                c.sendall(data)
+                with self._lock:
+                    self.echoed += 1
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        for c in self._conns:
+            c.close()
+        self.sock.close()
+
+
+def tcp_ping_pong(ns: str, dst: str, port: int, rounds: int, connections: int = 1, size: int = 64) -> int:
+    """``rounds`` request/response round trips of ``size`` bytes from netns ``ns``, spread over
+    ``connections`` connections made one after another (each connected, used, closed).
+    Returns the round trips whose reply came back whole."""
+    def go():
+        done = 0
+        msg = b"x" * size
+        for i in range(connections):
+            with socket.create_connection((dst, port), timeout=5) as c:
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(rounds // connections + (1 if i < rounds % connections else 0)):
+                    c.sendall(msg)
+                    got = b""
+                    while len(got) < size:
+                        part = c.recv(size - len(got))
+                        if not part:
+                            return done
+                        got += part
+                    done += 1
+        return done
+    return in_netns(ns, go)

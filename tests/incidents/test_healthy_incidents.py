@@ -3,7 +3,7 @@ here is a rule that calls normal work a problem (the incidents' false alarms).""
 
 from __future__ import annotations
 
-import re
+import collections
 import shutil
 import subprocess
 import time
@@ -11,9 +11,11 @@ import time
 import pytest
 
 from dnslab import K8S_SEARCH, Dnsmasq, concurrent_queries, resolve_with_search, route_pods
+from faults import TcpEcho, UdpEcho, conntrack_on, tcp_ping_pong, udp_flows
 from harness import Incident
 from netlab import sh
 from test_conntrack_kernel import Holder, open_connections  # the kernel tier's helpers
+
 
 def background(inc, ns: str, *cmd: str) -> subprocess.Popen:
     """A long-running program in netns ``ns`` (its own pid kept), killed at close."""
@@ -39,24 +41,26 @@ def wait_listening(ns: str, port: int, proto: str = "t") -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(shutil.which("sockperf") is None, reason="sockperf is not installed")
 def test_healthy_tcp_request_response():
-    """Pod to pod through the node (routed): sockperf TCP ping-pong at 1000 round trips a
-    second for 4 s, then the same over UDP."""
+    """Request/response between two pods through the node (routed): 3000 round trips on one
+    TCP connection, 300 short connections (connect, one request, close: HTTP/1.0 style), and
+    2000 UDP ping-pongs."""
     with Incident("healthy_tcp_request_response", pods=2) as inc:
         route_pods(inc.lab)
         p0, p1 = inc.lab.pod_list
-        background(inc, p1.ns, "sockperf", "server", "-i", p1.ip4, "-p", "11111", "--tcp")
-        background(inc, p1.ns, "sockperf", "server", "-i", p1.ip4, "-p", "11112")
-        wait_listening(p1.ns, 11111)
+        tcp = TcpEcho(p1.ns, p1.ip4)
+        inc.on_close(tcp.close)
+        udp = UdpEcho(p1.ns, p1.ip4)
+        inc.on_close(udp.close)
         inc.start()
-        for extra in (["--tcp"], []):
-            port = "11111" if extra else "11112"
-            out = sh("sockperf", "ping-pong", "-i", p1.ip4, "-p", port, *extra, "-t", "4",
-                     "--mps", "1000", ns=p0.ns).stdout
-            got = re.search(r"ReceivedMessages=(\d+)", out)
-            assert got and int(got.group(1)) >= 3000, out
-        inc.expect_healthy(settle=1)
+        assert tcp_ping_pong(p0.ns, p1.ip4, tcp.port, 3000) == 3000
+        assert tcp_ping_pong(p0.ns, p1.ip4, tcp.port, 300, connections=300) == 300
+        socks, answered = udp_flows(p0.ns, p1.ip4, udp.port, count=50)
+        inc.on_close(lambda: [s.close() for s in socks])
+        for _ in range(40):
+            _, answered = udp_flows(p0.ns, p1.ip4, udp.port, socks=socks)
+            assert answered == 50
+        inc.expect_healthy()
 
 
 def test_healthy_dns_load():
@@ -72,19 +76,26 @@ def test_healthy_dns_load():
         inc.on_close(server.close)
         inc.start()
         names = [("ok.test", "A"), ("ok.test", "AAAA"), ("api.example", "A")] * 95 + [("old.nx.test", "A")] * 15
-        seen = concurrent_queries([(p0.ns, p0.node_ip4, names[::2]), (p1.ns, p0.node_ip4, names[1::2])])
+        seen: collections.Counter = collections.Counter()
+        for part in range(3):           # three rounds a second apart: a load, not one burst
+            chunk = names[part::3]
+            seen += concurrent_queries([(p0.ns, p0.node_ip4, chunk[::2]), (p1.ns, p0.node_ip4, chunk[1::2])],
+                                       workers=2)
+            time.sleep(1)
         assert seen == {"NOERROR": 285, "NXDOMAIN": 15}
         for _ in range(20):
             answer, _ = resolve_with_search(p0.ns, p0.node_ip4, "kubernetes.default", K8S_SEARCH, ndots=5)
             assert answer == "kubernetes.default.svc.cluster.local."
-        inc.expect_healthy(settle=1)
+        inc.expect_healthy()
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
 def test_healthy_bulk_transfer():
     """A bulk transfer between two pods through the node: iperf3 TCP for 5 s at 2 Gbit/s,
-    then 1 kB UDP datagrams at 20 Mbit/s for 3 s. (Unlimited, iperf3 keeps both vCPUs of the
-    test VM busy, and the hypervisor then steals 5-8% of them: a true cpu.steal, of the VM.)"""
+    then 1 kB UDP datagrams at 20 Mbit/s for 3 s. Unlimited (12 Gbit/s here), the one flow's
+    softirq work sits on one CPU and softirq.imbalance fires in 2 runs of 3: one flow cannot be
+    spread (RSS and RPS hash per flow), so that rule calls a healthy transfer a problem; left
+    to the softirq probe's rules."""
     with Incident("healthy_bulk_transfer", pods=2) as inc:
         route_pods(inc.lab)
         p0, p1 = inc.lab.pod_list
@@ -96,17 +107,7 @@ def test_healthy_bulk_transfer():
         udp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-u", "-b", "20M", "-l", "1000", "-t", "3", "-J",
                  ns=p0.ns).stdout
         assert '"lost_packets"' in udp
-        inc.expect_healthy(settle=1)
-
-
-CT_RULES = """table inet dpwhealthy {
-  chain input {
-    type filter hook input priority 0;
-    ct state established,related accept
-    ct state new accept
-  }
-}
-"""
+        inc.expect_healthy()
 
 
 def test_healthy_conntrack_in_use():
@@ -115,7 +116,7 @@ def test_healthy_conntrack_in_use():
     (a flow each): several hundred entries, far under nf_conntrack_max."""
     with Incident("healthy_conntrack_in_use") as inc:
         pod = inc.lab.pod
-        sh("nft", "-f", "-", ns=inc.lab.node, input=CT_RULES)
+        conntrack_on(inc)
         holder = Holder(inc.lab.node, pod.node_ip4)
         inc.on_close(holder.close)
         server = Dnsmasq(inc.lab.node, [pod.node_ip4])
@@ -135,4 +136,4 @@ def test_healthy_conntrack_in_use():
         assert concurrent_queries([(pod.ns, pod.node_ip4, [("ok.test", "A")] * 200)]) == {"NOERROR": 200}
         entries = int(sh("conntrack", "-C", ns=inc.lab.node).stdout.strip())
         assert 500 <= entries < 2000, entries
-        inc.expect_healthy(settle=1)
+        inc.expect_healthy()

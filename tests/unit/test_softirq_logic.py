@@ -307,6 +307,17 @@ def test_busy_window_findings_exact():
 
 
 
+def test_steal_needs_a_second_of_cpu_time():
+    """0.3 s stolen in a 4 s window is 7.5%, over the 5% threshold, but a blip: no finding. The
+    same share over 20 s (1.5 s stolen) is steal."""
+    def steal_in(ticks_stolen, secs):
+        old = reading(ns={}, softnet=BASE_SOFTNET, ticks=BASE_TICKS)
+        new = reading(ns={}, softnet=BASE_SOFTNET, ticks={**BASE_TICKS, (0, "steal"): 500 + ticks_stolen})
+        return [f.id for f in analyse(Window(secs, old, new), cfg(), "softirq", 100, Facts())]
+    assert "cpu.steal" not in steal_in(30, 4.0)
+    assert "cpu.steal" in steal_in(150, 20.0)
+
+
 def test_latency_needs_enough_timed_runs():
     """2% of 1000 weighted raises over the threshold is 2.5 timed runs of 125 (weight 8): a
     true p99 under 1 ms would give that often (P = 0.36), so no finding. Unweighted (sample 1)
