@@ -14,8 +14,8 @@ Kernel side: bpf/dns.c, one body loaded as
   until the next dpwatch start removes it.
 BENCHMARKS.md ("DNS") has the figures behind that order.
 
-User space (here): a sweep on the sampler thread counts queries unanswered after
---dns-timeout as timeouts and deletes them; per-server counters are folded into at most
+User space (here): a sweep at every reading (the sampler's, and a report's fresh one)
+counts queries unanswered after --dns-timeout as timeouts and deletes them; per-server counters are folded into at most
 --dns-top-servers labels plus "other"; names only leave the daemon through the privacy mode
 (daemon/dnsnames.py).
 """
@@ -200,6 +200,7 @@ class DnsProbe(Probe):
         self._names_hist: collections.deque = collections.deque()
         self._names_hist_size = 0
         self._last_sweep = 0.0
+        self._sweep_lock = threading.Lock()  # the sampler's pass and a report's fresh reading
         self.search_list: list[str] = []
 
     # -- selection and compile ------------------------------------------------------
@@ -515,6 +516,10 @@ class DnsProbe(Probe):
         number of timeouts found."""
         if self.module is None:
             return 0
+        with self._sweep_lock:  # two sweeps at once would count one query twice
+            return self._sweep(now_ns)
+
+    def _sweep(self, now_ns: int | None) -> int:
         now = time.monotonic_ns() if now_ns is None else now_ns
         limit = int(self.config.dns_timeout * 1e9)
         table = self.table("dns_pending")
@@ -624,6 +629,9 @@ class DnsProbe(Probe):
 
     # -- collection ---------------------------------------------------------------------
     def collect(self) -> Reading:
+        # Queries already past --dns-timeout are timeouts now, also for a report's fresh
+        # reading: without this they waited for the sampler's next pass (up to one interval).
+        self.sweep()
         c = decode_counters(self.module)
         self._fold_servers()
         hist = {}
@@ -877,9 +885,10 @@ class DnsProbe(Probe):
             amp = dn.find_amplification(nx_names, cfg.dns_cluster_domain, self.search_list,
                                         int(cfg.dns_search_nxdomain_min))
             wasted = sum(a.nxdomain for a in amp)
-            # The walks must also be a real share of the answers (the NXDOMAIN rule's share
-            # and sample-size test): a few walks among many answers is ndots:5 as usual.
-            if amp and share_exceeds(wasted, responses, cfg.dns_nxdomain_percent / 100):
+            # The walks must also be a real share of the answers (more than the NXDOMAIN rule's
+            # share): a few walks among many answers is ndots:5 as usual. A walk is no random
+            # event whose rate needs testing (the count floor above is the sample): a magnitude.
+            if amp and responses and wasted > responses * cfg.dns_nxdomain_percent / 100:
                 shown = [{"name": self.privacy(a.base), "suffixes": self._suffix_counts(a.suffixes),
                           "nxdomain": a.nxdomain} for a in amp[:8]]
                 ev = dict(base_ev)

@@ -54,7 +54,7 @@ def test_dns_timeouts_server_silent():
         inc.fault()
         seen = queries(pod.ns, pod.node_ip4, [(f"noreply.q{i}.test", "A") for i in range(12)], timeout=0.2)
         assert seen == {"timeout": 12} and server.ignored == 12
-        rep = inc.expect_top("dns.timeouts", timeout=15)
+        rep = inc.expect_top("dns.timeouts", check=lambda f: f["evidence"]["timeouts"] == 12)
     top = rep["findings"][0]
     assert top["evidence"]["timeouts"] == 12 and top["severity"] == "critical"
 
@@ -187,7 +187,7 @@ def test_dns_timeouts_dead_upstream():
         seen = queries(pod.ns, pod.node_ip4, [("ok.test", "A")] * 20
                        + [(f"api{i}.example.org", "A") for i in range(12)], timeout=0.3)
         assert seen == {"NOERROR": 20, "timeout": 12}
-        rep = inc.expect_top("dns.timeouts")
+        rep = inc.expect_top("dns.timeouts", check=lambda f: f["evidence"]["timeouts"] == 12)
     top = rep["findings"][0]
     assert top["evidence"]["timeouts"] == 12 and top["evidence"]["by_server"] == {pod.node_ip4: 12}
     assert top["severity"] == "critical"   # 12 of 32: 37.5%
@@ -283,7 +283,8 @@ def test_dns_blocked_by_policy():
         inc.fault()
         seen = queries(pod.ns, pod.node_ip4, [("ok.test", "A")] * 12, timeout=0.3)
         assert seen == {"timeout": 12}
-        rep = inc.expect_top("dns.timeouts", allowed={"drops.netfilter"})
+        rep = inc.expect_top("dns.timeouts", allowed={"drops.netfilter"},
+                             check=lambda f: f["evidence"]["timeouts"] == 12)
     top = rep["findings"][0]
     assert top["evidence"]["timeouts"] == 12 and top["severity"] == "critical"
     assert top["evidence"]["netfilter_drops_in_window"] >= 12 and "NetworkPolicy blocks DNS" in top["summary"]
@@ -301,7 +302,7 @@ def test_dns_server_down():
         inc.fault()
         seen = queries(pod.ns, pod.node_ip4, [(f"web{i}.test", "A") for i in range(12)], timeout=0.3)
         assert seen == {"timeout": 12}
-        rep = inc.expect_top("dns.timeouts")
+        rep = inc.expect_top("dns.timeouts", check=lambda f: f["evidence"]["timeouts"] == 12)
     top = rep["findings"][0]
     assert top["evidence"]["timeouts"] == 12 and top["evidence"]["responses"] == 0
     assert top["severity"] == "critical"

@@ -30,7 +30,8 @@ def test_dns_timeouts_and_nxdomain_storm():
         storm = concurrent_queries([(p1.ns, p0.node_ip4, [(f"orders{i % 4}.nx.test", "A") for i in range(200)])])
         lost = queries(p0.ns, p0.node_ip4, [(f"api{i}.example.org", "A") for i in range(12)], timeout=0.3)
         assert storm == {"NXDOMAIN": 200} and lost == {"timeout": 12}
-        rep = inc.expect_top("dns.timeouts", allowed={"dns.nxdomain_rate"})
+        rep = inc.expect_top("dns.timeouts", allowed={"dns.nxdomain_rate"},
+                             check=lambda f: f["evidence"]["timeouts"] == 12)
     assert ids(rep) == ["dns.timeouts", "dns.nxdomain_rate"]
     t, nx = above_info(rep)
     assert t["evidence"]["timeouts"] == 12 and t["severity"] == "warning"

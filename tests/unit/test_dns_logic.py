@@ -164,6 +164,11 @@ def test_search_path_finding_needs_a_share_of_the_answers():
                                                   "svc.cluster.local": 1}
     quiet = reading(600, {"NXDOMAIN": 24, "NOERROR": 576})
     assert amp_probe(names).diagnose(Window(60, reading(), quiet)) == []
+    # a share, not a significance test: 24 of 80 (30%) is enough, 24 of 120 (20%) is not
+    some = reading(80, {"NXDOMAIN": 24, "NOERROR": 56})
+    assert "dns.search_path_amplification" in {f.id for f in amp_probe(names).diagnose(Window(60, reading(), some))}
+    fifth = reading(120, {"NXDOMAIN": 24, "NOERROR": 96})
+    assert "dns.search_path_amplification" not in {f.id for f in amp_probe(names).diagnose(Window(60, reading(), fifth))}
 
 
 def test_namespace_suffix_for_another_cluster_domain():
