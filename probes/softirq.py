@@ -409,17 +409,30 @@ def analyse(window: Window, cfg, probe: str, clk_tck: int, facts) -> list[Findin
         mean = total / ncpu
         ratio = net_s[busiest] / mean
         if ratio >= cfg.softirq_imbalance_ratio and share.get(busiest, 0) >= IMBALANCE_MIN_SHARE:
+            # A skew is a problem when the busy CPU pays for it: it drops or squeezes packets.
+            # Without that it is how one big flow looks (RSS and RPS hash per flow, so a bulk
+            # transfer lands on one CPU whatever the steering): a note, not a warning.
+            hurt = {k: int(_by_cpu(softnet, k).get(busiest, 0)) for k in ("dropped", "time_squeeze")}
+            harmful = any(hurt.values())
             findings.append(Finding(
-                id="softirq.imbalance", probe=probe, severity="warning",
+                id="softirq.imbalance", probe=probe, severity="warning" if harmful else "info",
                 title="Network softirq load is skewed across CPUs",
                 summary=(f"CPU {busiest} carries {100 * net_s[busiest] / total:.0f}% of the node's network "
                          f"softirq time ({ratio:.2f}x the mean over {ncpu} CPUs, threshold "
                          f"{cfg.softirq_imbalance_ratio:g}x); it is {_pct(share[busiest])}% busy with it. "
-                         "One queue or one interrupt takes all the packets."),
+                         + (f"It dropped {hurt['dropped']} packets from its backlog and ran out of budget "
+                            f"{hurt['time_squeeze']} times: one queue or one interrupt takes the packets."
+                            if harmful else
+                            "It drops nothing and keeps up: one queue, one interrupt or a few big flows "
+                            "(each flow stays on one CPU whatever the steering). Spread it only if the "
+                            "traffic is many flows.")),
                 evidence={"basis": basis, "window_seconds": round(secs, 1), "busiest_cpu": busiest,
                           "ratio_to_mean": round(ratio, 3), "threshold_ratio": cfg.softirq_imbalance_ratio,
+                          "busiest_cpu_backlog_drops": hurt["dropped"],
+                          "busiest_cpu_time_squeezes": hurt["time_squeeze"],
                           "per_cpu_percent": {str(c): _pct(min(1.0, net_s.get(c, 0) / secs)) for c in all_cpus}},
-                remediation=spread_steps([busiest]), impact=processed.get(busiest, 0) / secs))
+                remediation=spread_steps([busiest]),
+                impact=processed.get(busiest, 0) / secs if harmful else 0.0))
 
     # softnet.backlog_drops ---------------------------------------------------------------------
     dropped = _by_cpu(softnet, "dropped")

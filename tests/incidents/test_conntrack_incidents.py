@@ -9,6 +9,7 @@ it alone holds 64 entries; the daemon's own port is kept out of conntrack
 
 from __future__ import annotations
 
+import os
 import pytest
 
 from dnslab import Dnsmasq, query, queries
@@ -34,15 +35,21 @@ def test_conntrack_full_tcp():
     """A pod holds 64 established TCP connections to a node service and nf_conntrack_max is
     64: 36 more connects are refused, one dropped SYN each (closed before a retransmit)."""
     rep, connected, refused = _held_tcp("conntrack_full_tcp", 100, "conntrack.table_full")
-    assert (connected, refused) == (64, 36)
     top = rep["findings"][0]
     ev = top["evidence"]
     assert top["severity"] == "critical"
     assert (ev["entries"], ev["max"], ev["fill_percent"]) == (64, 64, 100.0)
-    assert ev["drops"] == refused and ev["early_drops"] == 0
+    # Exact here: 64 connected, 36 refused, one dropped SYN each. Under emulation (the 6.1
+    # guest) a connect may still be in its handshake after the 0.5 s wait (counted pending,
+    # but holding an entry), and a slow loop may let a refused SYN be retransmitted once: the
+    # table still holds 64 and every connect beyond it was dropped at least once.
+    assert connected + refused == 100 and connected <= 64
+    if os.environ.get("DPWATCH_INCIDENT_TIME_FACTOR", "1") == "1":
+        assert (connected, refused, ev["drops"]) == (64, 36, 36)
+    assert ev["drops"] >= 100 - 64 and ev["early_drops"] == 0
     # The NETFILTER_DROP drops are these conntrack drops: folded in, not a policy finding.
-    assert ev["netfilter_drops_explained"] == refused
-    assert ev["related"]["drops.netfilter"]["explained_by_conntrack"] == refused
+    assert ev["netfilter_drops_explained"] == ev["drops"]
+    assert ev["related"]["drops.netfilter"]["explained_by_conntrack"] == ev["drops"]
     assert "sysctl -w net.netfilter.nf_conntrack_max=131072" in top["remediation"][0]
 
 

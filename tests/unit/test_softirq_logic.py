@@ -586,3 +586,20 @@ def test_collect_bpf_maps(monkeypatch):
     assert c["net_latency"] == {(0, "NET_RX", 9): 3, (0, "NET_RX", 12): 1, (1, "NET_RX", 9): 1}
     assert c["latency_sum_ns"] == {("TIMER",): 5, ("NET_RX",): 49}
     assert c["napi_exhausted"] == {("eth0",): 12, (sq.NO_DEVICE,): 3, (sq.OVERFLOW_DEVICE,): 5}
+
+
+def test_imbalance_without_drops_or_squeezes_is_a_note():
+    """One bulk flow keeps one CPU busy (RSS and RPS hash per flow): skewed, but nothing is
+    lost on that CPU, so it is info with no impact; the same skew with backlog drops on the
+    busy CPU is the warning (busy_pair: CPU 0 drops 3000)."""
+    old, new = busy_pair()
+    for key in list(new["counters"]["softnet"]):
+        if key[1] in ("dropped", "time_squeeze"):
+            new["counters"]["softnet"][key] = old["counters"]["softnet"].get(key, 0)
+    found = {f.id: f for f in analyse(Window(10.0, old, new), cfg(), "softirq", 100, Facts())}
+    imb = found["softirq.imbalance"]
+    assert (imb.severity, imb.impact) == ("info", 0.0)
+    assert imb.evidence["busiest_cpu_backlog_drops"] == 0 and "keeps up" in imb.summary
+    old, new = busy_pair()
+    imb = {f.id: f for f in analyse(Window(10.0, old, new), cfg(), "softirq", 100, Facts())}["softirq.imbalance"]
+    assert imb.severity == "warning" and imb.evidence["busiest_cpu_backlog_drops"] == 3000
