@@ -232,7 +232,12 @@ class FragProbe(Probe):
         beyond = {f: max(0, rfail[f] - rtime[f]) for f in rfail}
         dup, far = drops.get("DUP_FRAG", 0), drops.get("FRAG_TOO_FAR", 0)
         memory = {f: int(v) for (f,), v in window.new.get("gauges", {}).get("frag_memory", {}).items()}
-        refused = sum(beyond.values()) if not (dup or far) else 0  # no bad fragment to blame
+        # Failures that neither a timeout nor a bad fragment explains: refused for memory. With
+        # bad fragments in the window too, only when the memory is seen at least half full (a
+        # flood of one source's fragments gets both: FRAG_TOO_FAR and a full memory).
+        refused = max(0, sum(beyond.values()) - dup - far)
+        if (dup or far) and not any(high and v >= high // 2 for v in memory.values()):
+            refused = 0
         ev = {"reassembly_failed": rfail, "reassembly_timeouts": rtime,
               "failed_without_timeout": beyond,
               "drop_reasons": {r: drops.get(r, 0) for r in FRAG_DROP_REASONS[1:]},
