@@ -40,7 +40,7 @@ test-e2e: setup-test
 
 # The kernel and e2e tiers again, inside Debian's own 6.1 kernel (kprobes on) under qemu, with
 # the incidents marked `guest` (those whose answer rests on what differs between kernels: the
-# conntrack kprobe mode, the veth peer read, drop reasons; each daemon start compiles for
+# conntrack kprobe mode, the veth peer read, listen drops; each daemon start compiles for
 # ~35 s under emulation, so not all of them):
 # tests/vm/run_guest.py installs qemu and the guest kernel, builds its initrd, boots, runs
 # pytest against this checkout, streams the output and returns pytest's exit status.

@@ -28,7 +28,6 @@ def dnsmasq(inc, *extra: str) -> Dnsmasq:
     return server
 
 
-@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_dns_slow_few_answers():
     """Every answer of a pod after 800 ms, only 8 in the window: slow DNS all the same."""
     with Incident("dns_slow_8_answers") as inc:

@@ -168,7 +168,6 @@ def test_overlay_mtu_too_big():
 
 # -- path MTU discovery -------------------------------------------------------------------------
 
-@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_pmtu_frag_needed_icmp_ok():
     """The node routes between pod A (1500) and pod B (1400 on both ends). A sends DF datagrams
     of 1472 bytes, three to each of five addresses of B: the first to each is refused with
