@@ -240,7 +240,6 @@ def _check_listen(rep: dict, addr: str, backlog: int, connected: int) -> dict:
     return listener
 
 
-@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_listen_overflow():
     """listen(1): the accept queue holds 2 (the kernel's full is queue > backlog), the other
     198 SYNs are refused. A refused SYN is freed without a drop reason (consume_skb), so the

@@ -61,7 +61,6 @@ def through(src_ns: str, dst_ns: str, dst: str, family: int = socket.AF_INET, bi
 
 # -- the MTU audit: links that disagree ---------------------------------------------------------
 
-@pytest.mark.guest  # the 6.1 guest too: see the Makefile's test-kernels
 def test_mtu_veth_pod_end_bigger():
     """A pod's eth0 is 1500 behind a node veth of 1400, on a node whose other pods are 1500 on
     both ends: the pod's full-size frames vanish at the node end, small ones pass. The pod end
