@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
 
 from dnslab import K8S_SEARCH, Dnsmasq, concurrent_queries, resolve_with_search, route_pods
 from faults import TcpEcho, UdpEcho, conntrack_on, tcp_ping_pong, udp_flows
@@ -89,37 +88,37 @@ def test_healthy_dns_load():
         inc.expect_healthy()
 
 
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
-def test_healthy_bulk_transfer():
-    """A bulk transfer between two pods through the node: iperf3 TCP for 5 s at 2 Gbit/s,
-    then 1 kB UDP datagrams at 20 Mbit/s for 3 s (unlimited: the next test)."""
-    with Incident("healthy_bulk_transfer", pods=2) as inc:
+def _iperf3_between_pods(name: str, tcp_rate: list[str], settle: float, udp: bool) -> None:
+    """Two pods routed through the node, an iperf3 server in the second; the daemon started;
+    a 5 s TCP transfer at ``tcp_rate`` (then 1 kB UDP at 20 Mbit/s for 3 s with ``udp``);
+    nothing above info after it. iperf3 comes from deploy/setup.sh --test."""
+    assert shutil.which("iperf3"), "iperf3 missing: run deploy/setup.sh --test"
+    with Incident(name, pods=2) as inc:
         route_pods(inc.lab)
         p0, p1 = inc.lab.pod_list
         background(inc, p1.ns, "iperf3", "-s", "-B", p1.ip4, "-p", "5201")
         wait_listening(p1.ns, 5201)
         inc.start()
-        tcp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-t", "5", "-b", "2G", "-J", ns=p0.ns).stdout
+        tcp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-t", "5", *tcp_rate, "-J", ns=p0.ns).stdout
         assert '"sum_received"' in tcp
-        udp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-u", "-b", "20M", "-l", "1000", "-t", "3", "-J",
-                 ns=p0.ns).stdout
-        assert '"lost_packets"' in udp
-        inc.expect_healthy()
+        if udp:
+            out = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-u", "-b", "20M", "-l", "1000", "-t", "3", "-J",
+                     ns=p0.ns).stdout
+            assert '"lost_packets"' in out
+        inc.expect_healthy(settle=settle)
+
+
+def test_healthy_bulk_transfer():
+    """A bulk transfer between two pods through the node: iperf3 TCP for 5 s at 2 Gbit/s,
+    then 1 kB UDP datagrams at 20 Mbit/s for 3 s (unlimited: the next test)."""
+    _iperf3_between_pods("healthy_bulk_transfer", ["-b", "2G"], settle=3.0, udp=True)
 
 
 def test_healthy_bulk_transfer_unlimited():
     """The same transfer at full speed (about 12 Gbit/s here, one flow): its softirq work sits
     on one CPU, which keeps up (no backlog drops, no squeezes), so softirq.imbalance is a note
     (info), not a warning: one flow cannot be spread."""
-    with Incident("healthy_bulk_transfer_unlimited", pods=2) as inc:
-        route_pods(inc.lab)
-        p0, p1 = inc.lab.pod_list
-        background(inc, p1.ns, "iperf3", "-s", "-B", p1.ip4, "-p", "5201")
-        wait_listening(p1.ns, 5201)
-        inc.start()
-        tcp = sh("iperf3", "-c", p1.ip4, "-p", "5201", "-t", "5", "-J", ns=p0.ns).stdout
-        assert '"sum_received"' in tcp
-        inc.expect_healthy(settle=0.5)
+    _iperf3_between_pods("healthy_bulk_transfer_unlimited", [], settle=0.5, udp=False)
 
 
 def test_healthy_conntrack_in_use():
