@@ -185,6 +185,7 @@ def _locations(ns: str, pod, dpwatch_bin: str, keep: list[str]) -> list[str]:
     return [loc["location"] for loc in top["evidence"]["top_locations"]]
 
 
+@pytest.mark.host_only  # kallsyms visibility, not kernel-version behaviour: host only (CI time)
 def test_syslog_is_what_resolves_drop_locations(net, dpwatch_bin, paranoid_at_most_2):
     """With kernel.kptr_restrict=1 (common on hardened nodes), /proc/kallsyms shows real
     addresses only to CAP_SYSLOG: without it, drop locations stay raw addresses."""

@@ -170,6 +170,7 @@ def test_kill9_leaves_no_program_or_map(net, dpwatch_bin):
         d.stop()
 
 
+@pytest.mark.host_only  # a restart is process behaviour; the guest runs the detach tests above (CI time)
 def test_restart_under_load_resumes_serving_with_reset_counters(net, dpwatch_bin):
     port = PORT + 2
     flood = Flood(net)

@@ -137,13 +137,15 @@ def probes(d: DaemonProc) -> dict:
     return json.loads(body)
 
 
-# The IPv6 cases run on the host only: the same inet table and rules as IPv4, and every daemon
-# start costs a compile under emulation in the 6.1 guest (CI's time budget).
+# The IPv6 cases and the --no-notrack control run on the host only: the same inet table and
+# rules as IPv4, and every daemon start costs a compile under emulation in the 6.1 guest (CI's
+# time budget).
 V6_HOST_ONLY = pytest.mark.host_only
 
 
 @pytest.mark.parametrize("notrack, family, port", [
-    (True, "ipv4", PORT), (False, "ipv4", PORT + 1),
+    (True, "ipv4", PORT),
+    pytest.param(False, "ipv4", PORT + 1, marks=V6_HOST_ONLY),
     pytest.param(True, "ipv6", PORT + 4, marks=V6_HOST_ONLY),
     pytest.param(False, "ipv6", PORT + 5, marks=V6_HOST_ONLY)],
     ids=["notrack-ipv4", "no-notrack-ipv4", "notrack-ipv6", "no-notrack-ipv6"])
@@ -190,6 +192,7 @@ def test_reachable_while_the_conntrack_table_is_full(dpwatch_bin, paranoid_at_mo
     assert mine[0]["evidence"]["fill_percent"] == 100.0
 
 
+@pytest.mark.host_only  # nftables owner-table semantics, two daemon starts: host only (CI time)
 def test_owner_table_outlives_a_firewall_reload_and_not_its_daemon(dpwatch_bin):
     """kill -9 leaves no table (the kernel removes an owner table with its socket), `nft flush
     ruleset` leaves it alone, and a second daemon in the netns cannot take it (it says so in

@@ -47,8 +47,13 @@ def test_conntrack_full_tcp():
     if os.environ.get("DPWATCH_INCIDENT_TIME_FACTOR", "1") == "1":
         assert (connected, refused, ev["drops"]) == (64, 36, 36)
     assert ev["drops"] >= 100 - 64 and ev["early_drops"] == 0
-    # The NETFILTER_DROP drops are these conntrack drops: folded in, not a policy finding.
-    assert ev["netfilter_drops_explained"] == ev["drops"]
+    # The NETFILTER_DROP drops are these conntrack drops: folded in, not a policy finding. The
+    # probe's own count of them is its correlated mode's (no kprobes: the host); the kprobe mode
+    # (the 6.1 guest) counts table-full events instead, and triage still folds the drops.
+    if os.environ.get("DPWATCH_EXPECT_KPROBES") == "1":
+        assert ev["kprobe_table_full_events"] == ev["drops"]
+    else:
+        assert ev["netfilter_drops_explained"] == ev["drops"]
     assert ev["related"]["drops.netfilter"]["explained_by_conntrack"] == ev["drops"]
     assert "sysctl -w net.netfilter.nf_conntrack_max=131072" in top["remediation"][0]
 
