@@ -2,10 +2,10 @@
 
 The DNS probe's program looks at every packet of every interface of the node netns and gives
 up at once on anything that is not UDP to or from a DNS port: on a node, nearly all traffic.
-Three ways to run it (bpf/dns.c, probes/dns.py), the cases of this stage, in this order:
+Three ways to run it (bpf/dns.c, probes/dns/probe.py), the cases of this stage, in this order:
 - tcx: the classifier on ingress and egress of every interface through tcx bpf links
   (--dns-hook tcx, the default on kernels 6.6+). Measured only where
-  dpwatch.probes.dns.tcx_supported() says the running kernel has tcx links; otherwise the
+  dpwatch.probes.dns.probe.tcx_supported() says the running kernel has tcx links; otherwise the
   case is left out and the report says why;
 - socket: one AF_PACKET ETH_P_ALL socket with the program as its socket filter
   (--dns-hook socket, the default before 6.6); the kernel hands every packet to the socket's
@@ -34,7 +34,7 @@ PATHS = ("drop", "fwd")
 
 def _cases() -> tuple[tuple[str, ...], str | None]:
     """The cases this kernel can run, and why tcx is left out (None when it is not)."""
-    from dpwatch.probes.dns import tcx_supported
+    from dpwatch.probes.dns.probe import tcx_supported
     ok, why = tcx_supported()
     if ok:
         return ALL_CASES, None
@@ -123,7 +123,7 @@ def render(res: dict) -> str:
              "Ratios: case pps / no-load pps of the same round.")
     if res.get("tcx_left_out"):
         L.append("")
-        L.append(f"tcx left out: dpwatch.probes.dns.tcx_supported() says \"{res['tcx_left_out']}\".")
+        L.append(f"tcx left out: dpwatch.probes.dns.probe.tcx_supported() says \"{res['tcx_left_out']}\".")
     L.append("")
     head = ["round"]
     for path in PATHS:

@@ -9,7 +9,7 @@
  *   kprobe/kretprobe __nf_conntrack_alloc: an ERR_PTR return is a table-full drop
  *   kretprobe early_drop (called inside __nf_conntrack_alloc): true = an entry was evicted
  *
- * Parameters (-D, set by probes/conntrack.py):
+ * Parameters (-D, set by probes/conntrack/probe.py):
  *   CT_RECENT_MAX   LRU entries of recent drops by (netns, 5-tuple)
  *   CT_INFLIGHT_MAX concurrent allocations tracked between entry and return
  *   CT_ERR_RECENT, CT_ERR_INFLIGHT   error slots in dpw_errors

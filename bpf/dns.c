@@ -24,7 +24,7 @@
  * UDP length, IPv4 id and the first 32 payload bytes (two different malformed datagrams that
  * agree on all of these within DNS_DEDUP_NS count once).
  *
- * Parameters (-D, set by probes/dns.py):
+ * Parameters (-D, set by probes/dns/probe.py):
  *   DNS_PORT0..DNS_PORT7   UDP server ports (0 = unused)
  *   DNS_PENDING_MAX        LRU entries of outstanding queries
  *   DNS_SERVERS_MAX        LRU entries of per-server counters

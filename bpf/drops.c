@@ -1,7 +1,7 @@
 /* drops: packet drops by the kernel's own drop reason, from tracepoint skb:kfree_skb.
  *
  * Counts per CPU, keyed by (reason, protocol class). No per-packet event reaches user space.
- * Parameters (-D, set by probes/drops.py):
+ * Parameters (-D, set by probes/drops/probe.py):
  *   DROPS_MAX_REASON    reasons below this index go to the dense per-CPU array
  *   DROPS_OTHER_MAX     entries of the hash for larger reason values (subsystem reasons)
  *   DROPS_LOC_MAX       entries of the LRU of drop locations (0 turns it off)

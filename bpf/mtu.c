@@ -8,7 +8,7 @@
  * destination the MTU applies to.
  * IPv6 "packet too big" has no tracepoint; user space reads it from /proc/net/snmp6.
  *
- * Parameters (-D, set by probes/mtu.py):
+ * Parameters (-D, set by probes/mtu/probe.py):
  *   MTU_RECENT_MAX       LRU entries of recent frag-needed by (direction, destination, MTU)
  *   MTU_KPROBE           compile the icmp_unreach kprobe
  *   MTU_ERR_RECENT       error slot in dpw_errors

@@ -13,7 +13,7 @@
  *   softirq_napi   hash by device name: polls with work == budget (bounded; when it is full
  *                  the poll is counted in softirq_napi_over and in dpw_errors)
  *
- * Parameters (-D, set by probes/softirq.py):
+ * Parameters (-D, set by probes/softirq/probe.py):
  *   SOFTIRQ_RAW          1: raw tracepoints for the irq events, 0: tracepoints
  *   SOFTIRQ_NVEC         vectors the running kernel names (softirq_entry's format)
  *   SOFTIRQ_HIST_SLOTS   log2 latency buckets (slot s holds latencies below 2^s ns)

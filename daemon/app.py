@@ -10,12 +10,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from . import apimodels as M
-from .collector import make_registry
-from .config import ConfigError, parse_duration
-from .render_html import render_html
-from .triage import build_report, render_text
+from dpwatch import __version__
+from dpwatch.daemon import apimodels as M
+from dpwatch.daemon.collector import make_registry
+from dpwatch.daemon.config import ConfigError, parse_duration
+from dpwatch.daemon.render_html import render_html
+from dpwatch.daemon.triage import build_report, render_text
 
 MIN_WINDOW_SECONDS = 1.0
 
@@ -137,7 +137,7 @@ def create_app(daemon, web=None, status=None) -> FastAPI:
 def _secure(app: FastAPI, config, web) -> None:
     """The web config (basic auth, headers), the /diagnose and /probes restriction and the
     concurrency limit, as one ASGI middleware (daemon/httpsec.py). TLS is the server's part."""
-    from .httpsec import SecurityMiddleware, load_web_config
+    from dpwatch.daemon.httpsec import SecurityMiddleware, load_web_config
     path = getattr(config, "web_config_file", "")
     if web is None and path:
         web = load_web_config(path)

@@ -12,9 +12,9 @@ import sys
 import threading
 import time
 
-from .. import __version__
-from ..probes.registry import probe_names
-from .config import Config, ConfigError, parse_duration
+from dpwatch import __version__
+from dpwatch.probes.registry import probe_names
+from dpwatch.daemon.config import Config, ConfigError, parse_duration
 
 EX_USAGE = 64      # a bad flag, variable or config value
 EX_NOT_LOADED = 3  # probes could not be loaded (or a required probe is down)
@@ -325,7 +325,7 @@ def config_from_args(args) -> Config:
         cfg.default_window = parse_duration(args.window, "--window")
         cfg.bpf_stats = bool(args.bpf_stats) if args.bpf_stats is not None else _env_bool("bpf-stats")
         cfg.synthetic_series = args.synthetic_series
-        from .httpsec import read_token
+        from dpwatch.daemon.httpsec import read_token
         cfg.web_config_file = args.web_config_file
         cfg.restrict_diagnose = args.restrict_diagnose
         cfg.diagnose_token = read_token(args.diagnose_token, args.diagnose_token_file)
@@ -349,7 +349,7 @@ def _load_failures(daemon, cfg) -> list:
 
 
 def cmd_check(cfg) -> int:
-    from .service import Daemon
+    from dpwatch.daemon.service import Daemon
     daemon = Daemon(cfg)
     try:
         daemon.load()
@@ -397,7 +397,7 @@ def _url_get(full: str, headers: dict, timeout: float) -> tuple[int, bytes]:
 
 
 def _unix_get(path: str, target: str, headers: dict, timeout: float) -> tuple[int, bytes]:
-    from .unixsock import UnixHTTPConnection
+    from dpwatch.daemon.unixsock import UnixHTTPConnection
     conn = UnixHTTPConnection(path, timeout=timeout)
     try:
         try:
@@ -471,8 +471,8 @@ def fetch_report(url: str, window: float | None, timeout: float = 30.0, unix_soc
 
 
 def print_report(report: dict, fmt: str) -> None:
-    from .render_html import render_html
-    from .triage import render_text
+    from dpwatch.daemon.render_html import render_html
+    from dpwatch.daemon.triage import render_text
     if fmt == "json":
         print(json.dumps(report, indent=2))
     elif fmt == "html":
@@ -484,7 +484,7 @@ def print_report(report: dict, fmt: str) -> None:
 def cmd_diagnose_url(cfg, unix_socket: str = "") -> int:
     """The report of a running daemon: at --url, or on its unix socket. Over the socket, a
     file that nothing listens on raises DaemonAbsent (the caller runs a one-shot instead)."""
-    from .triage import EXIT_CODES
+    from dpwatch.daemon.triage import EXIT_CODES
     if not unix_socket and not cfg.report_url.startswith(("http://", "https://")):
         print(f"dpwatch: error: --url: {cfg.report_url!r} is not an http:// or https:// URL", file=sys.stderr)
         return EX_USAGE
@@ -504,8 +504,8 @@ def cmd_diagnose_url(cfg, unix_socket: str = "") -> int:
 
 
 def cmd_diagnose(cfg) -> int:
-    from .service import Daemon
-    from .triage import EXIT_CODES, build_report
+    from dpwatch.daemon.service import Daemon
+    from dpwatch.daemon.triage import EXIT_CODES, build_report
     daemon = Daemon(cfg)
     stop = {"now": False}
 
@@ -575,9 +575,9 @@ def _server_class():
 
 def cmd_run(cfg) -> int:
     import uvicorn
-    from .app import create_app
-    from .config import parse_listen
-    from .service import Daemon
+    from dpwatch.daemon.app import create_app
+    from dpwatch.daemon.config import parse_listen
+    from dpwatch.daemon.service import Daemon
 
     daemon = Daemon(cfg)
     daemon.load()
@@ -591,15 +591,15 @@ def cmd_run(cfg) -> int:
     daemon.start_sampler()
     _Server = _server_class()
     host, port = parse_listen(cfg.listen)
-    from .httpsec import load_web_config
+    from dpwatch.daemon.httpsec import load_web_config
     try:
         web = load_web_config(cfg.web_config_file) if cfg.web_config_file else None
     except ConfigError as exc:  # checked at start-up too; the file may have changed since
         print(f"dpwatch: error: {exc}", file=sys.stderr)
         daemon.stop()
         return EX_USAGE
-    from .notrack import NotrackTable
-    from .unixsock import UnixListener
+    from dpwatch.daemon.notrack import NotrackTable
+    from dpwatch.daemon.unixsock import UnixListener
     notrack = NotrackTable(port, enabled=cfg.notrack)
     unix = UnixListener(cfg.unix_socket)
     app = create_app(daemon, web, status=lambda: {"notrack": notrack.status(), "unix_socket": unix.status()})
@@ -615,7 +615,7 @@ def cmd_run(cfg) -> int:
         def load(self) -> None:
             super().load()
             if tls is not None:  # our context: min/max version and client certificates
-                from .httpsec import CertWatcher
+                from dpwatch.daemon.httpsec import CertWatcher
                 self.ssl = tls.context()
                 live["watcher"] = CertWatcher(tls, self.ssl)  # files as they were when loaded
 
@@ -659,7 +659,7 @@ async def reachable(server, app, notrack, unix) -> None:
     if sock is None:
         return
     try:
-        from .unixsock import serve_on
+        from dpwatch.daemon.unixsock import serve_on
         await serve_on(server, sock, app)
         log.info("serving on unix socket %s (mode 0600)", unix.path)
     except Exception as exc:
@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "diagnose" and cfg.report_url:
         return cmd_diagnose_url(cfg)  # no probes here: neither root nor BPF needed
     if args.command == "diagnose" and cfg.unix_socket:
-        from .unixsock import is_socket
+        from dpwatch.daemon.unixsock import is_socket
         if is_socket(cfg.unix_socket):  # the daemon on this node: its report, over no netfilter
             log.info("asking the daemon on %s", cfg.unix_socket)
             try:

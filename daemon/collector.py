@@ -8,9 +8,9 @@ import time
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .. import __version__
-from ..probes.base import State
-from .limits import DEFAULT_MAX_SERIES, SeriesLimiter
+from dpwatch import __version__
+from dpwatch.probes.base import State
+from dpwatch.daemon.limits import DEFAULT_MAX_SERIES, SeriesLimiter
 
 log = logging.getLogger("dpwatch.collector")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from ..probes.registry import probe_names
+from dpwatch.probes.registry import probe_names
 
 
 class ConfigError(ValueError):
@@ -229,7 +229,7 @@ class Config:
             raise ConfigError(f"--max-series-per-metric: {self.max_series_per_metric} is outside 1..1000000")
         self.unix_socket = check_unix_socket(self.unix_socket)
         if self.web_config_file:
-            from .httpsec import load_web_config
+            from dpwatch.daemon.httpsec import load_web_config
             load_web_config(self.web_config_file)  # raises ConfigError naming the problem
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"--log-level: {self.log_level!r} is not debug, info, warning or error")

@@ -15,7 +15,7 @@ import platform
 import re
 from dataclasses import asdict, dataclass, field
 
-from . import tracefs
+from dpwatch.daemon.host import tracefs
 
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 
@@ -153,9 +153,9 @@ class _ProgLoadAttr(ctypes.Structure):
 def _detect_fentry(btf: bool, machine: str) -> tuple[bool, str]:
     if not btf:
         return False, "no kernel BTF"
-    from .bpfstats import bpf_syscall
+    from dpwatch.daemon.host.bpfstats import bpf_syscall
     try:
-        from . import btf as btfmod
+        from dpwatch.daemon.host import btf as btfmod
         func_id = btfmod.find_type_id("udp_rcv", "FUNC")
     except Exception as exc:  # malformed BTF or a missing function: report, do not crash
         return False, f"cannot find a BTF function id: {exc}"

@@ -41,7 +41,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from dpwatch.daemon.config import ConfigError
 
 # Paths whose answers describe the node in detail: restricted by --restrict-diagnose / token.
 RESTRICTED_PREFIXES = ("/diagnose", "/probes")

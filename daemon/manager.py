@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from ..probes.base import Probe, State
-from ..probes.registry import PROBES
+from dpwatch.probes.base import Probe, State
+from dpwatch.probes.registry import PROBES
 
 log = logging.getLogger("dpwatch.manager")
 
@@ -121,7 +121,7 @@ def inject_faults(probes: dict[str, Probe], spec: str) -> None:
     #error line (the real compile fails and the manager isolates it). Unknown items are ignored
     with a warning; nothing here is used unless the variable is set."""
     import dataclasses
-    from ..probes.base import Hook
+    from dpwatch.probes.base import Hook
     for item in filter(None, (x.strip() for x in spec.split(","))):
         kind, _, name = item.partition(":")
         probe = probes.get(name)
@@ -350,7 +350,7 @@ class ProbeManager:
 
     def program_stats(self) -> list[tuple[str, str, int, int]]:
         """(probe, program, run_time_ns, run_cnt) of every attached program."""
-        from .bpfstats import prog_info
+        from dpwatch.daemon.host.bpfstats import prog_info
         out = []
         if self.module is None:
             return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .triage import SHELL_COMMANDS, _fmt_value, _inline
+from dpwatch.daemon.triage import SHELL_COMMANDS, _fmt_value, _inline
 
 COLORS = {"critical": "#b42318", "warning": "#b54708", "info": "#175cd3", "ok": "#067647"}
 CSS = """

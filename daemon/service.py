@@ -7,10 +7,10 @@ import logging
 import threading
 import time
 
-from . import features as features_mod
-from . import tracefs
-from .manager import ProbeManager
-from .snapshots import SnapshotRing
+from dpwatch.daemon import features as features_mod
+from dpwatch.daemon.host import tracefs
+from dpwatch.daemon.manager import ProbeManager
+from dpwatch.daemon.snapshots import SnapshotRing
 
 log = logging.getLogger("dpwatch.service")
 
@@ -33,7 +33,7 @@ class Daemon:
         if self.features.headers and not self.features.headers_exact:
             log.warning("%s", self.features.headers_note)
         if getattr(self.config, "bpf_stats", False):
-            from .bpfstats import StatsSession
+            from dpwatch.daemon.host.bpfstats import StatsSession
             self.stats = StatsSession()
             if not self.stats.start():
                 log.warning("--bpf-stats: %s", self.stats.error)

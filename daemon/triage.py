@@ -37,9 +37,9 @@ import textwrap
 import time
 from typing import Any, Callable
 
-from ..probes.base import SEVERITY_RANK, ContradictionError, Finding, Window, counter_delta
-from ..probes.mtu import ICMP_CAVEAT
-from .snapshots import SnapshotRing
+from dpwatch.probes.base import SEVERITY_RANK, ContradictionError, Finding, Window, counter_delta
+from dpwatch.probes.mtu.probe import ICMP_CAVEAT
+from dpwatch.daemon.snapshots import SnapshotRing
 
 log = logging.getLogger("dpwatch.triage")
 

@@ -22,8 +22,8 @@ import socket
 import stat
 from typing import Any
 
-from .config import DEFAULT_UNIX_SOCKET
-from .httpsec import UNIX_PEER
+from dpwatch.daemon.config import DEFAULT_UNIX_SOCKET
+from dpwatch.daemon.httpsec import UNIX_PEER
 
 log = logging.getLogger("dpwatch.unixsock")
 

@@ -6,14 +6,14 @@ one line here. Nothing registers itself at import time.
 
 from __future__ import annotations
 
-from .base import Probe
-from .conntrack import ConntrackProbe
-from .dns import DnsProbe
-from .drops import DropsProbe
-from .frag import FragProbe
-from .mtu import MtuProbe
-from .node import NodeProbe
-from .softirq import SoftirqProbe
+from dpwatch.probes.base import Probe
+from dpwatch.probes.conntrack.probe import ConntrackProbe
+from dpwatch.probes.dns.probe import DnsProbe
+from dpwatch.probes.drops.probe import DropsProbe
+from dpwatch.probes.frag.probe import FragProbe
+from dpwatch.probes.mtu.probe import MtuProbe
+from dpwatch.probes.node.probe import NodeProbe
+from dpwatch.probes.softirq.probe import SoftirqProbe
 
 # Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
 # the drops probe's NETFILTER_DROP count), so providers come first.

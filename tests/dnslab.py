@@ -338,7 +338,7 @@ def malformed_payloads(count: int, seed: int, max_len: int = 120) -> list[bytes]
     kernel parser mirrors) rejects: hand-made cases first (truncated headers, compression
     pointers and loops, a 321-byte name, a 64-byte label, a name running past the datagram,
     qtype cut off, no question, qdcount 9), then seeded random bytes."""
-    from dpwatch.daemon import dnsnames as dn
+    from dpwatch.probes.dns import names as dn
     hdr = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
     out = [
         b"\x12\x34\x01",

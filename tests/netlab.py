@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dpwatch.daemon import netns
+from dpwatch.daemon.host import netns
 
 _counter = itertools.count()
 

@@ -2,7 +2,7 @@
 only the DaemonSet's capabilities (read from deploy/daemonset.yaml: BPF, PERFMON, NET_ADMIN,
 NET_RAW, SYS_RESOURCE, SYSLOG), and every probe attaches exactly as it does with full root.
 
-CAP_SYS_ADMIN is not among them: the probes' netns helpers (daemon/netns.py) skip setns(2)
+CAP_SYS_ADMIN is not among them: the probes' netns helpers (daemon/host/netns.py) skip setns(2)
 when the target is the thread's own namespace (setns needs CAP_SYS_ADMIN even then). Only
 --conntrack-all-netns / --mtu-all-netns (joining other namespaces) and --bpf-stats
 (BPF_ENABLE_STATS) need it.

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dnslab import Dnsmasq, ScriptedServer, malformed_payloads, queries, resolve_with_search, route_pods, send_raw
-from dpwatch.daemon import dnsnames as dn
+from dpwatch.probes.dns import names as dn
 from netlab import Lab, sh
 from test_daemon_e2e import DaemonProc, metric
 
@@ -61,7 +61,7 @@ def our_filters(ns: str, dev: str) -> str:
 
 
 def default_hook() -> str:
-    from dpwatch.probes.dns import tcx_supported
+    from dpwatch.probes.dns.probe import tcx_supported
     return "tcx" if tcx_supported()[0] else "socket"
 
 

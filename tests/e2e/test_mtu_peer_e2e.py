@@ -1,6 +1,6 @@
 """End-to-end: the pod end of a veth, audited from the node netns with the DaemonSet's
 capabilities only (no SYS_ADMIN, so no --mtu-all-netns: the daemon runs with its default
-flags). The far end is read by nsid (daemon/linkpeer.py), and both directions of the most
+flags). The far end is read by nsid (daemon/host/linkpeer.py), and both directions of the most
 common Kubernetes MTU black hole become the top finding, mtu.mismatch, within 15 s:
 
 (a) the pod end bigger (pod 1500 behind a node veth lowered to 1400): seen through the node

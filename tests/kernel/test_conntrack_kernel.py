@@ -20,11 +20,11 @@ import time
 
 import pytest
 
-from dpwatch.daemon import netns as netns_mod
+from dpwatch.daemon.host import netns as netns_mod
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Window
-from dpwatch.probes.conntrack import RECENT_SHOWN, decode_recent
+from dpwatch.probes.conntrack.probe import RECENT_SHOWN, decode_recent
 from netlab import Lab, in_netns, sh, socket_in
 
 CT_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"

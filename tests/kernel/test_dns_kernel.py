@@ -13,7 +13,7 @@ import pytest
 
 from dnslab import (Dnsmasq, ScriptedServer, Unbound, malformed_payloads, queries, resolve_with_search,
                     route_pods, send_raw)
-from dpwatch.daemon import dnsnames as dn
+from dpwatch.probes.dns import names as dn
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Window
@@ -27,7 +27,7 @@ def env(request):
     """A node netns with two pods routed through it, dnsmasq on the node's pod0-side
     addresses, and the probe loaded inside the node netns with the given hook."""
     if request.param == "tcx":
-        from dpwatch.probes.dns import tcx_supported
+        from dpwatch.probes.dns.probe import tcx_supported
         ok, why = tcx_supported()
         if not ok:  # Debian's 6.1 in the qemu guest: tcx links came in 6.6
             pytest.skip(why)

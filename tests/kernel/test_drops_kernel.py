@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dpwatch.daemon import tracefs
+from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.collector import make_registry
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon

@@ -36,13 +36,13 @@ import pytest
 
 from dpwatch.daemon import cli
 from dpwatch.daemon import features as features_mod
-from dpwatch.daemon import tracefs
+from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.app import create_app
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.manager import ProbeManager
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Hook, Mode, Probe, State
-from dpwatch.probes.drops import DropsProbe
+from dpwatch.probes.drops.probe import DropsProbe
 from netlab import Lab, closed_udp_port, in_netns, udp_send
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "e2e"))
@@ -60,7 +60,7 @@ class FullMapProbe(Probe):
     error_slots = {"FULLMAP_ERR": "fullmap_seen"}
 
     def cflags(self, features):
-        from dpwatch.probes.drops import load_reason_names
+        from dpwatch.probes.drops.probe import load_reason_names
         names, _ = load_reason_names(features.tracefs)
         no_socket = next(v for v, n in names.items() if n == "NO_SOCKET")
         return ["-DFULLMAP_MAX=1", f"-DFULLMAP_REASON={no_socket}"]

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dpwatch.daemon import features as features_mod
-from dpwatch.daemon import tracefs
+from dpwatch.daemon.host import tracefs
 
 
 @pytest.fixture(scope="module")

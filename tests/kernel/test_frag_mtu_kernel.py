@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from dpwatch.daemon import netns as netns_mod
+from dpwatch.daemon.host import netns as netns_mod
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Window

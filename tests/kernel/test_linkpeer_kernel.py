@@ -1,4 +1,4 @@
-"""Kernel tier: the far end of a veth read from the node netns by nsid (daemon/linkpeer.py),
+"""Kernel tier: the far end of a veth read from the node netns by nsid (daemon/host/linkpeer.py),
 with real namespaces and real veths; no BPF.
 
 Each check runs inside the lab's node netns: as root through daemon.netns.run_in, or as a
@@ -17,15 +17,15 @@ import time
 
 import pytest
 
-from dpwatch.daemon import linkpeer
-from dpwatch.daemon import netns as netns_mod
-from dpwatch.daemon.mtuaudit import audit, collect, peer_read_mode, peers_changed
+from dpwatch.daemon.host import linkpeer
+from dpwatch.daemon.host import netns as netns_mod
+from dpwatch.probes.mtu.audit import audit, collect, peer_read_mode, peers_changed
 from netlab import Lab, sh
 from test_mtuaudit_kernel import ino, lab_issues
 
 PROBE = """
 import json
-from dpwatch.daemon.mtuaudit import audit, collect, peer_read_mode
+from dpwatch.probes.mtu.audit import audit, collect, peer_read_mode
 snap = collect(all_netns=False)
 print(json.dumps({"peers": snap.peers, "mode": peer_read_mode(snap, False),
                   "issues": [{"devices": i.devices, "remediation": i.remediation, "summary": i.summary}

@@ -11,11 +11,11 @@ import time
 import pytest
 
 from dpwatch.daemon import features as features_mod
-from dpwatch.daemon import tracefs
+from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.manager import ProbeManager
 from dpwatch.probes.base import Hook, Mode, Probe, State
-from dpwatch.probes.drops import DropsProbe
+from dpwatch.probes.drops.probe import DropsProbe
 from netlab import closed_udp_port, udp_send
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import socket
 import time
 
-from dpwatch.daemon import netns as netns_mod
-from dpwatch.daemon.mtuaudit import audit, cni_remediation, collect
+from dpwatch.daemon.host import netns as netns_mod
+from dpwatch.probes.mtu.audit import audit, cni_remediation, collect
 from netlab import Lab, in_netns, sh
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2          # not in Python 3.11's socket module

@@ -17,11 +17,12 @@ import time
 
 import pytest
 
-from dpwatch.daemon import nodeaudit, sysctl
+from dpwatch.probes.node import audit as nodeaudit
+from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.config import Config
-from dpwatch.daemon.netns import run_in
+from dpwatch.daemon.host.netns import run_in
 from dpwatch.probes.base import Window
-from dpwatch.probes.node import NodeProbe
+from dpwatch.probes.node.probe import NodeProbe
 from netlab import Lab, in_netns, read_snmp, sh
 
 
@@ -253,7 +254,7 @@ def test_listeners_read_through_sock_diag_exactly(lab):
     five connections (full is queue > backlog), each refused SYN is one drop on the socket and
     one TcpExt ListenDrops/ListenOverflows, a backlog above somaxconn is capped to it, and
     the pod's listeners are not the node's."""
-    from dpwatch.daemon import listeners
+    from dpwatch.probes.node import listeners
     ns, ip4, ip6 = lab.node, lab.pod.node_ip4, lab.pod.node_ip6
     sh("sysctl", "-qw", "net.core.somaxconn=8", ns=ns)
 

@@ -23,12 +23,13 @@ import time
 
 import pytest
 
-from dpwatch.daemon import procnet, tracefs
+from dpwatch.daemon.host import procnet
+from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.collector import make_registry
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Window
-from dpwatch.probes.softirq import NO_DEVICE, backlog_suggestion
+from dpwatch.probes.softirq.probe import NO_DEVICE, backlog_suggestion
 from netlab import in_netns, sh, socket_in
 
 CPUS = sorted(os.sched_getaffinity(0))

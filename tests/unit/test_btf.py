@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from dpwatch.daemon import btf
-from dpwatch.daemon.btf import BTFError, enum_members, parse_enum, read_enum, strip_prefix
+from dpwatch.daemon.host import btf
+from dpwatch.daemon.host.btf import BTFError, enum_members, parse_enum, read_enum, strip_prefix
 
 
 class Builder:
@@ -421,7 +421,7 @@ def test_real_vmlinux_skb_drop_reason():
 
 @needs_vmlinux
 def test_real_vmlinux_matches_kfree_skb_tracepoint_format():
-    from dpwatch.daemon import tracefs
+    from dpwatch.daemon.host import tracefs
 
     base = tracefs.find_tracefs()
     if base is None:

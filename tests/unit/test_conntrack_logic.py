@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dpwatch.daemon import sysctl
+from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.config import Config
-from dpwatch.probes import conntrack as ct_mod
+from dpwatch.probes.conntrack import probe as ct_mod
 from dpwatch.probes.base import Finding, Window
-from dpwatch.probes.conntrack import (CT_MAX_SYSCTL, ENTRY_BYTES, EVENTS, STAT_FIELDS, ConntrackProbe,
+from dpwatch.probes.conntrack.probe import (CT_MAX_SYSCTL, ENTRY_BYTES, EVENTS, STAT_FIELDS, ConntrackProbe,
                                       decode_recent, format_tuple, parse_proc_stat, sum_netlink_stats)
 
 # -- recorded contents ------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from dpwatch.daemon import dnsnames as dn
+from dpwatch.probes.dns import names as dn
 from dpwatch.daemon.config import Config, ConfigError
 from dpwatch.probes.base import Window
-from dpwatch.probes.dns import DnsProbe
+from dpwatch.probes.dns.probe import DnsProbe
 
 HDR_Q = struct.pack("!HHHHHH", 0xBEEF, 0x0100, 1, 0, 0, 0)
 SEARCH = ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
@@ -310,7 +310,7 @@ def test_name_history_is_bounded(monkeypatch):
     """Every sampler pass records the names' deltas for /diagnose windows; under churn (a new
     name per query) the history keeps at most NAME_HISTORY_MAX (interval, name) counts, oldest
     first out, whatever --max-window allows."""
-    from dpwatch.probes import dns as dns_mod
+    from dpwatch.probes.dns import probe as dns_mod
     probe = DnsProbe(Config().validate())
     batch = iter(range(10**9))
     state: dict = {}

@@ -9,13 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from dpwatch.daemon import btf, sysctl, triage
+from dpwatch.daemon import triage
+from dpwatch.daemon.host import btf
+from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.config import Config
-from dpwatch.daemon.kallsyms import KallsymsResolver
+from dpwatch.daemon.host.kallsyms import KallsymsResolver
 from dpwatch.daemon.snapshots import SnapshotRing
-from dpwatch.probes import drops as drops_mod
+from dpwatch.probes.drops import probe as drops_mod
 from dpwatch.probes.base import SEVERITY_RANK, Finding, Window, counter_delta
-from dpwatch.probes.drops import DropsProbe, _suggest_buffer, load_reason_names, reason_name
+from dpwatch.probes.drops.probe import DropsProbe, _suggest_buffer, load_reason_names, reason_name
 
 MiB = 1 << 20
 LOC_A = 0xffffffff81000000

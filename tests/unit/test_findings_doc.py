@@ -3,7 +3,7 @@
 - The ids documented (one `### <a id="..."></a>id` heading each) equal every registered
   probe's `finding_ids` plus triage's own TRIAGE_FINDING_IDS.
 - Every id the code can emit (each Finding(...)/Result(...) built with a literal id in
-  probes/, daemon/triage.py and daemon/nodeaudit.py, found by walking the source's syntax
+  probes/, daemon/triage.py and probes/node/audit.py, found by walking the source's syntax
   tree) is declared by its probe, so build_report never meets an undeclared id.
 """
 
@@ -95,9 +95,10 @@ def _emitted_ids(path: str) -> set[str]:
 
 def test_every_emitted_id_is_declared():
     decl = declared()
-    sources = [os.path.join(REPO, "probes", f) for f in sorted(os.listdir(os.path.join(REPO, "probes")))
-               if f.endswith(".py")]
-    sources += [os.path.join(REPO, "daemon", "triage.py"), os.path.join(REPO, "daemon", "nodeaudit.py")]
+    sources = sorted(os.path.join(base, f) for base, _, files in os.walk(os.path.join(REPO, "probes"))
+                     for f in files if f.endswith(".py"))
+    sources += sorted(os.path.join(base, f) for base, _, files in os.walk(os.path.join(REPO, "daemon"))
+                      for f in files if f.endswith(".py"))
     seen = set()
     for path in sources:
         for fid in _emitted_ids(path):

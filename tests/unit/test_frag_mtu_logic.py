@@ -1,4 +1,4 @@
-"""Unit tests for the pure logic of the frag and mtu probes and of daemon/snmp.py: the
+"""Unit tests for the pure logic of the frag and mtu probes and of daemon/host/snmp.py: the
 /proc/net/snmp{,6} parsers against contents recorded on a real kernel (pasted below),
 counters_from_snmp, decode_recent, diagnose() and metrics() with readings built by hand in
 the shape FragProbe.collect() / MtuProbe.collect() return. No root, no BPF, no netlink."""
@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dpwatch.daemon import sysctl
+from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.config import Config
-from dpwatch.daemon.mtuaudit import Issue, Link, Snapshot, cni_remediation
-from dpwatch.daemon.snmp import parse_snmp, parse_snmp6
+from dpwatch.probes.mtu.audit import Issue, Link, Snapshot, cni_remediation
+from dpwatch.daemon.host.snmp import parse_snmp, parse_snmp6
 from dpwatch.probes.base import Finding, Window
-from dpwatch.probes.frag import COUNTERS, FRAG_DROP_REASONS, FragProbe, counters_from_snmp, parse_sockstat_frag
-from dpwatch.probes.mtu import MtuProbe, decode_recent
+from dpwatch.probes.frag.probe import COUNTERS, FRAG_DROP_REASONS, FragProbe, counters_from_snmp, parse_sockstat_frag
+from dpwatch.probes.mtu.probe import MtuProbe, decode_recent
 
 # -- recorded contents ------------------------------------------------------------------------
 #
@@ -76,7 +76,7 @@ SNMP6_RECORDED = (
 )
 
 
-# -- daemon/snmp.py -----------------------------------------------------------------------------
+# -- daemon/host/snmp.py -----------------------------------------------------------------------------
 
 def test_parse_snmp_recorded():
     out = parse_snmp(SNMP_RECORDED)
@@ -155,7 +155,7 @@ def test_parse_snmp6_non_integer():
         parse_snmp6("Ip6InReceives  four\n")
 
 
-# -- probes/frag.py: counters_from_snmp ------------------------------------------------------------
+# -- probes/frag/probe.py: counters_from_snmp ------------------------------------------------------------
 
 def test_counters_from_snmp_recorded():
     out = counters_from_snmp(parse_snmp(SNMP_RECORDED), parse_snmp6(SNMP6_RECORDED))
@@ -197,7 +197,7 @@ def test_counters_from_snmp_missing_tables():
     assert counters_from_snmp({"Ip": {"FragCreates": 5}}, {}) == {("frag_creates", "ipv4"): 5}
 
 
-# -- probes/frag.py: diagnose -------------------------------------------------------------------------
+# -- probes/frag/probe.py: diagnose -------------------------------------------------------------------------
 
 HIGH_THRESH = 4194304
 
@@ -466,7 +466,7 @@ def test_frag_metrics_recorded():
     assert len([ln for ln in lines if not ln.startswith("#")]) == 14  # 5 families x 2 + 4
 
 
-# -- probes/mtu.py: decode_recent -----------------------------------------------------------------
+# -- probes/mtu/probe.py: decode_recent -----------------------------------------------------------------
 
 NOW = 10_000_000_000
 
@@ -492,7 +492,7 @@ def test_decode_recent_unknown_dir_and_future_timestamp():
                                               "count": 2, "seconds_ago": 0.0}
 
 
-# -- probes/mtu.py: diagnose ---------------------------------------------------------------------------
+# -- probes/mtu/probe.py: diagnose ---------------------------------------------------------------------------
 
 def mtu_mode(name: str):
     (m,) = [m for m in MtuProbe.modes if m.name == name]
@@ -651,7 +651,7 @@ def test_mtu_both_findings(mtu_probe):
                                                                           "mtu.pmtu_frag_needed"]
 
 
-# -- probes/mtu.py: metrics ----------------------------------------------------------------------------
+# -- probes/mtu/probe.py: metrics ----------------------------------------------------------------------------
 
 def test_mtu_metrics_exact():
     p = MtuProbe(Config(mtu_max_interfaces=2))

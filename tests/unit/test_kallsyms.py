@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpwatch.daemon.kallsyms import KallsymsResolver
+from dpwatch.daemon.host.kallsyms import KallsymsResolver
 
 # Unsorted on purpose; data symbols (d/D/b/r) must be skipped; module symbols carry [mod]
 # after a tab, as in the real file; a zero address (what non-root readers see) is skipped.

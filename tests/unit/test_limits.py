@@ -15,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from dpwatch.daemon.collector import DpwatchCollector
 from dpwatch.daemon.config import Config
-from dpwatch.daemon.kallsyms import KallsymsResolver
+from dpwatch.daemon.host.kallsyms import KallsymsResolver
 from dpwatch.daemon.limits import OTHER, SeriesLimiter
 from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.probes.base import Probe, State

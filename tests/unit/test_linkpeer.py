@@ -1,4 +1,4 @@
-"""Unit tests for daemon/linkpeer.py: the RTM_GETLINK / RTM_GETNSID requests it builds, the
+"""Unit tests for daemon/host/linkpeer.py: the RTM_GETLINK / RTM_GETNSID requests it builds, the
 replies it parses, and PeerReader's checks, against a fake socket (no root, no netlink)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from dpwatch.daemon import linkpeer as lp
+from dpwatch.daemon.host import linkpeer as lp
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Unit tests of the listener reading and its pure logic (daemon/listeners.py): inet_diag
+"""Unit tests of the listener reading and its pure logic (probes/node/listeners.py): inet_diag
 messages built by hand in the kernel's layout (pyroute2's decoder as the reference), a fake
 /proc for the owner scan, the tracker's bounds, and the ranking and remediation over fake
 listener rows. The real kernel is exercised in tests/kernel/test_nodeaudit_kernel.py."""
@@ -12,8 +12,8 @@ import struct
 import pytest
 from pyroute2.netlink.diag import inet_diag_msg, inet_diag_req
 
-from dpwatch.daemon import listeners as ls
-from dpwatch.daemon.listeners import Listener, ListenSample, ListenWindow
+from dpwatch.probes.node import listeners as ls
+from dpwatch.probes.node.listeners import Listener, ListenSample, ListenWindow
 
 
 def L(port: int, queue: int, backlog: int, drops: int | None = 0, inode: int | None = None,

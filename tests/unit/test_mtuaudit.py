@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from dpwatch.daemon.mtuaudit import (Issue, Link, Snapshot, _assemble, audit, cni_remediation,
+from dpwatch.probes.mtu.audit import (Issue, Link, Snapshot, _assemble, audit, cni_remediation,
                                      effective_overlay_mtu, overlay_overhead, peer_read_mode, skipped_overlays)
 
 NODE, POD1, POD2, PROCNS, NOPATH = 100, 201, 202, 300, 400
@@ -344,7 +344,7 @@ def test_cni_remediation_without_overhead_uses_the_mtu_itself():
     assert '"mtu":1400' in lines[1] and '"veth_mtu":"1400"' in lines[2] and '{"mtu": 1400}' in lines[3]
 
 
-# -- far ends read by nsid (daemon/linkpeer.py) ----------------------------------------------
+# -- far ends read by nsid (daemon/host/linkpeer.py) ----------------------------------------------
 
 def own_read(*links: dict) -> dict:
     return {"inode": NODE, "links": list(links), "routes": [], "nsids": {}}

@@ -1,4 +1,4 @@
-"""Unit tests of the node audit's parsers and checks (daemon/nodeaudit.py) and the node
+"""Unit tests of the node audit's parsers and checks (probes/node/audit.py) and the node
 probe's window logic. Inputs are built by hand in the kernel's formats (/proc/net/tcp lines,
 an iptables-legacy entry blob, nfnetlink messages); the real kernel is exercised in
 tests/kernel/test_nodeaudit_kernel.py."""
@@ -9,11 +9,11 @@ import struct
 
 import pytest
 
-from dpwatch.daemon import listeners as ls
-from dpwatch.daemon import nodeaudit as na
+from dpwatch.probes.node import listeners as ls
+from dpwatch.probes.node import audit as na
 from dpwatch.daemon.config import Config
 from dpwatch.probes.base import Window
-from dpwatch.probes.node import NodeProbe, parse_ct_drops, parse_softnet_dropped
+from dpwatch.probes.node.probe import NodeProbe, parse_ct_drops, parse_softnet_dropped
 
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0

@@ -17,11 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpwatch.daemon import btf, snmp, tracefs
+from dpwatch.daemon.host import btf
+from dpwatch.daemon.host import snmp
+from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.collector import DpwatchCollector
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.manager import ProbeManager
-from dpwatch.probes import conntrack, frag
+from dpwatch.probes.conntrack import probe as conntrack
+from dpwatch.probes.frag import probe as frag
 from dpwatch.probes.base import Mode, Probe, State
 
 FUZZED = {"inputs": 0}  # how many inputs the Hypothesis tests below fed in (printed at the end)
@@ -207,7 +210,7 @@ def decode(cls, raw: bytes):
 def test_netlink_fixtures_are_read_exactly():
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    from dpwatch.daemon import mtuaudit
+    from dpwatch.probes.mtu import audit as mtuaudit
     link = mtuaudit._link_record(decode(ifinfmsg, _link_bytes()))
     assert (link["name"], link["kind"], link["mtu"], link["lower"]) == ("vxlan42", "vxlan", 1450, 2)
     route = mtuaudit._route_record(decode(rtmsg, _route_bytes()))
@@ -218,7 +221,7 @@ def test_netlink_fixtures_are_read_exactly():
 @given(byte_mutations(_link_bytes()))
 def test_mtu_audit_link_records_from_mutated_netlink(raw):
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-    from dpwatch.daemon import mtuaudit
+    from dpwatch.probes.mtu import audit as mtuaudit
     FUZZED["inputs"] += 1
     try:  # pyroute2 decodes what the kernel sent; the audit reads the result
         rec = mtuaudit._link_record(decode(ifinfmsg, raw))
@@ -233,7 +236,7 @@ def test_mtu_audit_link_records_from_mutated_netlink(raw):
 @given(byte_mutations(_route_bytes()))
 def test_mtu_audit_route_records_from_mutated_netlink(raw):
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    from dpwatch.daemon import mtuaudit
+    from dpwatch.probes.mtu import audit as mtuaudit
     FUZZED["inputs"] += 1
     try:
         rec = mtuaudit._route_record(decode(rtmsg, raw))

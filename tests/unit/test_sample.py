@@ -10,7 +10,7 @@ import pytest
 
 from dpwatch.daemon.config import Config
 from dpwatch.probes.base import ContradictionError, Finding, Window, contradictions
-from dpwatch.probes.dns import DnsProbe
+from dpwatch.probes.dns.probe import DnsProbe
 from dpwatch.probes.sample import binom_sf, p_value, share_exceeds
 from test_dns_logic import reading
 

@@ -1,4 +1,4 @@
-"""Unit tests for the softirq probe's pure logic: the /proc parsers of daemon/procnet.py
+"""Unit tests for the softirq probe's pure logic: the /proc parsers of daemon/host/procnet.py
 against contents recorded on a real kernel (and malformed variants), the suggestion
 arithmetic, the findings over readings built by hand in the shape SoftirqProbe.collect()
 returns, the metrics, the mode choice, and the flags. No root, no BPF."""
@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dpwatch.daemon import cli, procnet
+from dpwatch.daemon import cli
+from dpwatch.daemon.host import procnet
 from dpwatch.daemon.config import Config, ConfigError
-from dpwatch.probes import softirq as sq
+from dpwatch.probes.softirq import probe as sq
 from dpwatch.probes.base import Window
-from dpwatch.probes.softirq import SoftirqProbe, analyse
+from dpwatch.probes.softirq.probe import SoftirqProbe, analyse
 
 # -- recorded contents ------------------------------------------------------------------------
 # Recorded 2026-11-21 on the dev VM (kernel 6.18.44-fc, 2 vCPUs), verbatim. softnet_stat has 15

@@ -7,7 +7,7 @@ common fields and the event's own, and one long "print fmt:" line).
 
 from __future__ import annotations
 
-from dpwatch.daemon.tracefs import EventField, find_tracefs, parse_format, parse_print_symbolic, read_format
+from dpwatch.daemon.host.tracefs import EventField, find_tracefs, parse_format, parse_print_symbolic, read_format
 
 # A made-up event: scalar fields, a pointer, a fixed array, a __data_loc string, a signed
 # enum; its print fmt has several helper calls, so the parser has to pick the right one.

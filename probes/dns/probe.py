@@ -17,7 +17,7 @@ BENCHMARKS.md ("DNS") has the figures behind that order.
 User space (here): a sweep at every reading (the sampler's, and a report's fresh one)
 counts queries unanswered after --dns-timeout as timeouts and deletes them; per-server counters are folded into at most
 --dns-top-servers labels plus "other"; names only leave the daemon through the privacy mode
-(daemon/dnsnames.py).
+(probes/dns/names.py).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from ..daemon import dnsnames as dn
-from .base import Finding, Hook, Mode, Probe, Reading, Window
-from .sample import p_value, share_exceeds
+from dpwatch.probes.dns import names as dn
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.probes.sample import p_value, share_exceeds
 
 log = logging.getLogger("dpwatch.dns")
 
@@ -69,7 +69,7 @@ def _kernel_enum(name: str) -> dict[str, int] | None:
     """name -> value of a BTF enum of the running kernel (cached); None without BTF."""
     if name not in _bpf_enums:
         try:
-            from ..daemon import btf
+            from dpwatch.daemon.host import btf
             members = btf.read_enum(name)
         except Exception:
             members = None
@@ -94,7 +94,7 @@ def tcx_supported() -> tuple[bool, str]:
 def tcx_link(prog_fd: int, ifindex: int, attach_type: str) -> int:
     """Attach prog_fd to one interface hook through a tcx link; returns the link's fd (the
     attachment lives exactly as long as this fd)."""
-    from ..daemon.bpfstats import bpf_syscall
+    from dpwatch.daemon.host.bpfstats import bpf_syscall
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex,
                            attach_type=_kernel_enum("bpf_attach_type")[attach_type])
     return bpf_syscall(_kernel_enum("bpf_cmd")[BPF_LINK_CREATE], attr)
@@ -282,10 +282,10 @@ class DnsProbe(Probe):
     def _start_link_watch(self) -> None:
         """Link a new interface as soon as the kernel announces it, not at the next sampler
         pass: a new pod's first DNS queries come in its first second. The link watch
-        (daemon/linkwatch.py, made in this attaching thread, so in the linked netns) rescans
+        (daemon/host/linkwatch.py, made in this attaching thread, so in the linked netns) rescans
         on any link message; the scan is of the whole list, so a lost message (ENOBUFS) costs
         nothing but the wait for the sampler's own rescan, which stays as the backstop."""
-        from ..daemon.linkwatch import LinkWatch
+        from dpwatch.daemon.host.linkwatch import LinkWatch
         self._link_watch = LinkWatch(lambda _at: self._scan_tcx(), name="dpwatch-dns-links",
                                 fallback="new interfaces are linked at the sampler's rescan")
 
@@ -343,7 +343,7 @@ class DnsProbe(Probe):
 
     def _attach_tc(self) -> None:
         from bcc import BPF
-        from ..daemon.netns import NetnsWorker
+        from dpwatch.daemon.host.netns import NetnsWorker
         fn = self.module.load_func(b"dns_tc", BPF.SCHED_CLS)
         self._tc_fd = fn.fd
         self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-dns-tc")
@@ -496,7 +496,7 @@ class DnsProbe(Probe):
         self.sweep()
         self._record_names()
         if self.mode is not None and self.mode.name == "tcx" and self._tcx_netns is not None:
-            from ..daemon import netns
+            from dpwatch.daemon.host import netns
             try:
                 if netns._same_netns(self._tcx_netns):
                     self._scan_tcx()
@@ -976,7 +976,7 @@ class DnsProbe(Probe):
 
 
 def _delta(old: dict, new: dict) -> dict:
-    from .base import counter_delta
+    from dpwatch.probes.base import counter_delta
     return counter_delta(old, new)
 
 

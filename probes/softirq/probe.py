@@ -4,7 +4,7 @@ their whole budget, and CPU steal.
 
 Kernel side (bpf/softirq.c): irq:softirq_entry/exit/raise (raw tracepoints or tracepoints,
 whichever the bench measured cheaper; --softirq-hooks picks one) and napi:napi_poll. User
-side: /proc/net/softnet_stat and /proc/stat (daemon/procnet.py), read in every mode; when the
+side: /proc/net/softnet_stat and /proc/stat (daemon/host/procnet.py), read in every mode; when the
 irq tracepoints are missing the probe runs on those files alone (mode procfs, degraded: no
 per-vector time, no latency, and saturation judged from /proc/stat's softirq column).
 
@@ -20,9 +20,11 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-from ..daemon import procnet, sysctl, tracefs
-from .base import Finding, Hook, Mode, Probe, Reading, Window
-from .sample import p_value, share_exceeds
+from dpwatch.daemon.host import procnet
+from dpwatch.daemon.host import sysctl
+from dpwatch.daemon.host import tracefs
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.probes.sample import p_value, share_exceeds
 
 NET_VECTORS = ("NET_RX", "NET_TX")
 HIST_SLOTS = 32          # slot s holds latencies below 2^s ns (bpf/softirq.c)
@@ -323,7 +325,7 @@ class _NodeFacts:
         return procnet.ksoftirqd_pids()
 
     def node(self) -> str:
-        from ..daemon.triage import node_name
+        from dpwatch.daemon.triage import node_name
         return node_name()
 
 

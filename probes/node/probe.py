@@ -1,6 +1,6 @@
 """node: the node audit, as a user-space probe.
 
-The audit (daemon/nodeaudit.py) reads the settings the field tunes again and again
+The audit (probes/node/audit.py) reads the settings the field tunes again and again
 (conntrack size, somaxconn, the ephemeral port range, tcp_tw_reuse, netdev_max_backlog,
 socket buffer limits, congestion control, inotify limits, netfilter rule counts, overlay
 devices) on the sampler thread every --node-audit-interval, in the daemon's netns. Each
@@ -8,7 +8,7 @@ snapshot adds the cheap counters that say whether a limit is being hit right now
 overflows, socket buffer errors, backlog drops, conntrack drops and peak use), so a check is
 "info" on a quiet node and "warning" when the window shows the limit biting.
 
-Each reading also lists the netns' TCP listeners through sock_diag (daemon/listeners.py: one
+Each reading also lists the netns' TCP listeners through sock_diag (probes/node/listeners.py: one
 inet_diag dump per family, on a thread of its own in the daemon's netns), with each socket's
 accept queue, backlog and drop counter, so node.listen_queue_overflow names the listeners
 that refused connections. The owner of such a listener is looked up in /proc only when it
@@ -25,9 +25,10 @@ from typing import Any, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from ..daemon import listeners, nodeaudit
-from ..daemon.snmp import parse_snmp, parse_snmp6
-from .base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.probes.node import listeners
+from dpwatch.probes.node import audit as nodeaudit
+from dpwatch.daemon.host.snmp import parse_snmp, parse_snmp6
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.node")
 # The soonest the audit runs again when its inputs changed (~60 ms on a small node, more with
@@ -106,7 +107,7 @@ class NodeProbe(Probe):
                 self._files[key] = open(path, "rb", buffering=0)
             except OSError:
                 pass
-        from ..daemon.netns import NetnsWorker
+        from dpwatch.daemon.host.netns import NetnsWorker
         self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-node")
         # Its own thread, so a report's fresh reading never waits behind a running audit.
         self._listen_worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-listen")

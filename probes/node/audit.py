@@ -26,8 +26,9 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import listeners, sysctl
-from .listeners import ListenWindow
+from dpwatch.probes.node import listeners
+from dpwatch.daemon.host import sysctl
+from dpwatch.probes.node.listeners import ListenWindow
 
 # -- thresholds (documented in docs/findings.md) ---------------------------------------------
 CONNTRACK_ENTRY_BYTES = 320        # kernel memory per conntrack entry (struct nf_conn + hash)
@@ -520,7 +521,7 @@ def gather_inotify(facts: Facts, max_fds: int = 200_000) -> None:
 # -- links ------------------------------------------------------------------------------------
 def gather_links(facts: Facts) -> None:
     from pyroute2 import IPRoute
-    from .mtuaudit import OVERHEAD
+    from dpwatch.probes.mtu.audit import OVERHEAD
     overlays = []
     with IPRoute() as ipr:
         for msg in ipr.get_links():
@@ -667,7 +668,7 @@ def check_somaxconn(f: Facts, listen: ListenWindow | None = None) -> Result | No
 def check_listen_overflow(lw: ListenWindow | None) -> Result | None:
     """Connection attempts a listener refused in the window (TcpExt ListenOverflows: its accept
     queue was full; ListenDrops: those and the SYNs dropped before it), with the listeners
-    that refused them named (see daemon/listeners.py)."""
+    that refused them named (see probes/node/listeners.py)."""
     if lw is None or (lw.overflows <= 0 and lw.drops <= 0):
         return None
     refused = max(lw.overflows, lw.drops)

@@ -25,9 +25,9 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..daemon import netns as netns_mod
-from ..daemon import sysctl
-from .base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.daemon.host import netns as netns_mod
+from dpwatch.daemon.host import sysctl
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.conntrack")
 
@@ -225,7 +225,7 @@ class ConntrackProbe(Probe):
                     if not features.headers_exact:
                         missing.append("kernel headers of the running kernel")
                 else:
-                    from .base import hook_available
+                    from dpwatch.probes.base import hook_available
                     if not hook_available(hook, features):
                         missing.append(str(hook))
             if not missing:

@@ -177,7 +177,7 @@ def read_listeners() -> tuple[list[Listener], str]:
 
 def sample_netns() -> tuple[list[Listener], str, int | None]:
     """read_listeners() and net.core.somaxconn, both of the calling thread's netns."""
-    from . import sysctl
+    from dpwatch.daemon.host import sysctl
     found, error = read_listeners()
     return found, error, sysctl.read_int("net.core.somaxconn")
 
@@ -406,14 +406,14 @@ def recommended_backlog(backlog: int, somaxconn: int | None) -> int:
     """The listen() backlog to advise for a listener that overflowed with ``backlog`` and is
     not capped by somaxconn: 4x the connections it held (backlog + 1), to the next power of
     two, at least 128, and no more than somaxconn allows (past that the kernel caps it)."""
-    from .nodeaudit import pow2_at_least
+    from dpwatch.probes.node.audit import pow2_at_least
     want = max(BACKLOG_MIN, pow2_at_least(BACKLOG_FACTOR * (backlog + 1)))
     return min(want, somaxconn) if somaxconn else want
 
 
 def recommended_somaxconn(somaxconn: int) -> int:
     """For a listener capped by somaxconn: twice the cap, and at least the kernel default."""
-    from .nodeaudit import SOMAXCONN_RECOMMENDED
+    from dpwatch.probes.node.audit import SOMAXCONN_RECOMMENDED
     return max(2 * somaxconn, SOMAXCONN_RECOMMENDED)
 
 

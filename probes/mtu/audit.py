@@ -9,7 +9,7 @@ Two halves:
   requests only when a link there points into another netns. The other end of each veth of
   the daemon's netns whose netns was not read that way (no ``all_netns``, or no setns without
   CAP_SYS_ADMIN) is read from the daemon's netns itself: RTM_GETLINK with IFLA_TARGET_NETNSID
-  (daemon/linkpeer.py: CAP_NET_ADMIN, kernel 4.20+, no setns). Its netns is named by matching
+  (daemon/host/linkpeer.py: CAP_NET_ADMIN, kernel 4.20+, no setns). Its netns is named by matching
   the nsid against the files under /run/netns and /proc/*/ns/net that can be opened; one that
   matches none is known by its nsid only. Where the kernel refuses, that veth's peer stays
   unseen, as before, and Snapshot.peers says why.
@@ -51,8 +51,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import linkpeer
-from . import netns as netns_mod
+from dpwatch.daemon.host import linkpeer
+from dpwatch.daemon.host import netns as netns_mod
 
 log = logging.getLogger("dpwatch.mtuaudit")
 

@@ -1,6 +1,6 @@
 """mtu: the MTU audit (misconfigurations that make black holes) and ICMP frag-needed traffic.
 
-- Audit (daemon/mtuaudit.py, pyroute2 netlink): every link's kind, MTU and lower device,
+- Audit (probes/mtu/audit.py, pyroute2 netlink): every link's kind, MTU and lower device,
   overlay overhead, route MTUs and cached PMTU exceptions; veth pairs with unequal ends
   (across netns), tunnels bigger than their underlay can carry, bridge ports that differ,
   pod MTUs above the node's overlay MTU. Run on the sampler thread every
@@ -20,9 +20,9 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ..daemon import mtuaudit
-from ..daemon.snmp import SnmpFiles
-from .base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.probes.mtu import audit as mtuaudit
+from dpwatch.daemon.host.snmp import SnmpFiles
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.mtu")
 DIRS = ("sent", "received")  # index = MTU_EV_* in bpf/mtu.c
@@ -88,7 +88,7 @@ class MtuProbe(Probe):
             self.module = module
             self._attached = []
         self.files = SnmpFiles()
-        from ..daemon.netns import NetnsWorker, own_inode
+        from dpwatch.daemon.host.netns import NetnsWorker, own_inode
         self.own_ino = own_inode()
         # pyroute2's sync API must be called from inside the netns: route lookups and the
         # audit run on a worker thread that lives in the daemon's (attaching thread's) netns.
@@ -98,7 +98,7 @@ class MtuProbe(Probe):
             from pyroute2 import IPRoute
             self._ipr = IPRoute()
         self._worker.call(_open)
-        from ..daemon.linkwatch import LinkWatch
+        from dpwatch.daemon.host.linkwatch import LinkWatch
         self._link_watch = LinkWatch(self._link_event, name="dpwatch-mtu-links",  # this thread's netns
                                      fallback="the audit runs every --mtu-audit-interval")
         self.run_audit()

@@ -11,10 +11,10 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily
 
-from ..daemon import sysctl
-from ..daemon.kallsyms import KallsymsResolver
-from ..daemon import tracefs
-from .base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.daemon.host import sysctl
+from dpwatch.daemon.host.kallsyms import KallsymsResolver
+from dpwatch.daemon.host import tracefs
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 PROTOCOLS = ("ipv4", "ipv6", "arp", "other")  # index = protocol class in bpf/drops.c
 # Reasons that are not drops: the kernel may trace them through kfree_skb on some versions.
@@ -54,7 +54,7 @@ def load_reason_names(tracefs_path: str | None = None) -> tuple[dict[int, str], 
         if names:
             return names, "tracefs:skb/kfree_skb/format"
     try:
-        from ..daemon import btf
+        from dpwatch.daemon.host import btf
         members = btf.read_enum("skb_drop_reason")
     except Exception:  # a malformed BTF blob must not stop the probe
         members = None

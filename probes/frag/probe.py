@@ -14,10 +14,10 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily
 
-from ..daemon import sysctl
-from ..daemon.mtuaudit import OVERHEAD
-from ..daemon.snmp import SnmpFiles
-from .base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.daemon.host import sysctl
+from dpwatch.probes.mtu.audit import OVERHEAD
+from dpwatch.daemon.host.snmp import SnmpFiles
+from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 # Our counter name -> (snmp table, key) for IPv4, and the snmp6 key for IPv6.
 COUNTERS = {
@@ -32,7 +32,7 @@ COUNTERS = {
     "dest_unreach_out": (("Icmp", "OutDestUnreachs"), "Icmp6OutDestUnreachs"),
 }
 FRAG_DROP_REASONS = ("PKT_TOO_BIG", "FRAG_REASM_TIMEOUT", "DUP_FRAG", "FRAG_TOO_FAR")
-# Tunnel kinds (daemon/mtuaudit.py's): with one up, fragmentation is most likely its overhead.
+# Tunnel kinds (probes/mtu/audit.py's): with one up, fragmentation is most likely its overhead.
 OVERLAY_KINDS = frozenset(OVERHEAD)
 
 

@@ -1,0 +1,1 @@
+"""The conntrack probe: probe.py (hooks, collect, metrics, diagnose) and its own helpers."""

@@ -1,0 +1,1 @@
+"""The node probe: probe.py (hooks, collect, metrics, diagnose) and its own helpers."""
