@@ -242,23 +242,27 @@ class ProbeManager:
                     self._fail(probe.name, f"compile failed: {err}")
             self.module = module
             malloc_trim()
-        for name, probe in self.probes.items():
-            probe.peers = {n: p for n, p in self.probes.items() if n != name}
-        for name, probe in self.probes.items():
+        for name in self.order():
+            probe = self.probes[name]
             st = self.status[name]
             if st.state not in (State.ATTACHED, State.DEGRADED):
                 continue
             try:
-                probe.attach(self.module)
+                self._attach(probe)
             except Exception as exc:
                 hint = perf_paranoid_hint()
-                if hint and any(h.kind in ("tracepoint", "kprobe", "kretprobe")
-                                for h in (probe.mode.hooks if probe.mode else ())):
+                if hint and any(h.spec.perf_event for h in (probe.mode.hooks if probe.mode else ())):
                     exc = f"{exc} ({hint})"
                 log.warning("probe %s failed to attach in mode %s: %s", name, st.mode, exc)
                 if not self._fall_back(name, probe, f"{st.mode} attach failed: {exc}"):
                     self._fail(name, f"attach failed: {exc}")
         self.loaded = True
+
+    def _attach(self, probe: Probe) -> None:
+        down = [n for n in (probe.mode.needs if probe.mode else ()) if not self._running(n)]
+        if down:
+            raise RuntimeError(f"needs the readings of the {', '.join(down)} probe, which is not running")
+        probe.attach(self.module)
 
     def _fall_back(self, name: str, probe: Probe, why: str) -> bool:
         """Try the probe's later user-space modes after a failed attach (no recompile)."""
@@ -269,7 +273,7 @@ class ProbeManager:
         for mode in probe.fallback_modes(self.features):
             probe.mode = mode
             try:
-                probe.attach(self.module)
+                self._attach(probe)
             except Exception as exc:
                 why = f"{why}; {mode.name} attach failed: {exc}"
                 continue
@@ -289,6 +293,34 @@ class ProbeManager:
         except Exception:
             pass
 
+    def _running(self, name: str) -> bool:
+        st = self.status.get(name)
+        return st is not None and st.state in (State.ATTACHED, State.DEGRADED)
+
+    def order(self) -> list[str]:
+        """Probe names with every probe after the probes it needs (Probe.needs and its modes'
+        needs): the order of attach and collect. A cycle is a programming error."""
+        out: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in out:
+                return
+            if name in visiting:
+                raise RuntimeError(f"probe needs form a cycle through {name}")
+            visiting.add(name)
+            probe = self.probes[name]
+            wanted = probe.needs + tuple(n for m in probe.modes for n in m.needs)
+            for dep in wanted:
+                if dep in self.probes:
+                    visit(dep)
+            visiting.discard(name)
+            out.append(name)
+
+        for name in self.probes:
+            visit(name)
+        return out
+
     # -- queries --------------------------------------------------------------------
     def active(self) -> dict[str, Probe]:
         return {n: p for n, p in self.probes.items()
@@ -303,17 +335,29 @@ class ProbeManager:
         """Fresh cumulative readings of every active probe, plus the manager's own counters."""
         with self._lock:
             readings: dict[str, Any] = {}
-            for name, probe in self.active().items():
+            success: dict[tuple[str], int] = {}
+            seconds: dict[tuple[str], float] = {}
+            active = self.active()
+            for name in self.order():
+                probe = active.get(name)
+                if probe is None:
+                    continue
+                inputs = {n: readings[n] for n in probe.needed() if n in readings}
+                start = time.perf_counter()
                 try:
-                    readings[name] = probe.collect()
+                    readings[name] = probe.collect(inputs)
+                    success[(name,)] = 1
                 except Exception as exc:
                     self.collect_errors[name] = self.collect_errors.get(name, 0) + 1
+                    success[(name,)] = 0
                     log.warning("probe %s collect failed: %s", name, exc)
+                seconds[(name,)] = time.perf_counter() - start
             errors = self._read_errors()
             readings["_manager"] = {"counters": {"map_update_errors": errors,
                                                  "collect_errors": dict(self.collect_errors),
                                                  "events_lost": self._lost_events(errors)},
-                                    "gauges": {}}
+                                    "gauges": {"collect_success": success,
+                                               "collect_seconds": seconds}}
             return readings
 
     def _lost_events(self, errors: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
+
+from dpwatch.probes.params import Param
 
 
 class State(str, enum.Enum):
@@ -32,13 +34,23 @@ SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
 
 @dataclass(frozen=True)
 class Hook:
-    """One kernel or user-space source a mode needs. ``kind`` is one of tracepoint,
-    raw_tracepoint, kprobe, fentry, socket_filter, procfs, netlink."""
+    """One kernel or user-space source a mode needs. ``kind`` is a key of HOOK_KINDS (below):
+    an unknown kind is an error when the probe class is defined, not a hook that is quietly
+    taken as present."""
     kind: str
     target: str
 
+    def __post_init__(self) -> None:
+        if self.kind not in HOOK_KINDS:
+            raise ValueError(f"hook {self.kind}:{self.target}: unknown hook kind {self.kind!r}; "
+                             f"known: {', '.join(sorted(HOOK_KINDS))}")
+
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}"
+
+    @property
+    def spec(self) -> "HookKind":
+        return HOOK_KINDS[self.kind]
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,11 @@ class Mode:
     description: str = ""
     degraded: bool = False  # a fallback that loses information compared with the best mode
     bpf: bool = True        # False: this mode runs in user space only (nothing to compile)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Probes whose readings this mode reads: its hooks of kind "probe"."""
+        return tuple(h.target for h in self.hooks if h.kind == "probe")
 
 
 @dataclass
@@ -155,12 +172,29 @@ class Probe:
     # Every finding id this probe can emit ("<probe>.<name>"). docs/findings.md documents
     # each one, and a test holds the code and the doc to the same list.
     finding_ids: tuple[str, ...] = ()
+    # Settings (probes/<name>/params.py): the daemon generates their flags, DPWATCH_* twins,
+    # Config attributes and validation. ``param_group`` titles their --help section.
+    params: tuple[Param, ...] = ()
+    param_group: str = ""
+    # Probes whose readings collect() receives (``inputs``) when they run; a mode that cannot
+    # work without one says Hook("probe", name) (the manager then attaches it only when that
+    # probe runs). The manager collects them first; no probe reads another's maps.
+    needs: tuple[str, ...] = ()
 
     def __init__(self, config: Any):
         self.config = config
         self.mode: Mode | None = None
         self.module = None
-        self.peers: dict[str, "Probe"] = {}  # the other probes, set by the manager
+
+    @classmethod
+    def check_params(cls, config: Any) -> None:
+        """Checks across several of this probe's params (each one alone is checked from its
+        declaration); raise ConfigError naming the flags."""
+
+    def needed(self) -> tuple[str, ...]:
+        """The probes whose readings this probe's current mode reads."""
+        extra = self.mode.needs if self.mode is not None else ()
+        return tuple(dict.fromkeys(self.needs + extra))
 
     def fallback_modes(self, features) -> list[Mode]:
         """User-space modes after the current one that this kernel allows: what the manager
@@ -190,65 +224,48 @@ class Probe:
         return self.module[name.encode()]
 
     def source_text(self) -> str:
-        """The probe's BCC C source (package data bpf/<bpf_source>)."""
+        """The probe's BCC C source (package data bpf/<bpf_source>), after its header
+        bpf/<name>.h when it has one: the constants both sides share (probes/cdefs.py)."""
         from importlib import resources
-        return resources.files("dpwatch.bpf").joinpath(self.bpf_source).read_text(encoding="utf-8")
+        files = resources.files("dpwatch.bpf")
+        header = files.joinpath(self.bpf_source.rsplit(".", 1)[0] + ".h")
+        text = files.joinpath(self.bpf_source).read_text(encoding="utf-8")
+        if header.is_file():
+            return header.read_text(encoding="utf-8") + "\n" + text
+        return text
 
     # -- lifecycle --------------------------------------------------------------
     def attach(self, module) -> None:
-        """Attach the mode's kernel hooks. BCC function names follow its conventions:
-        tracepoint__<system>__<event>, raw_tracepoint__<event>, kprobe__<function>."""
+        """Attach the mode's kernel hooks that HOOK_KINDS knows how to attach (BCC names:
+        tracepoint__<system>__<event>, raw_tracepoint__<event>, kprobe__<function>); other
+        kinds (sockets, netlink, tc) are the probe's own attach."""
         self.module = module
         self._attached: list[Hook] = []
         for hook in self.mode.hooks if self.mode else ():
-            if hook.kind == "tracepoint":
-                system, event = hook.target.split(":")
-                module.attach_tracepoint(tp=hook.target.encode(),
-                                         fn_name=f"tracepoint__{system}__{event}".encode())
-            elif hook.kind == "raw_tracepoint":
-                event = hook.target.split(":")[-1]
-                module.attach_raw_tracepoint(tp=event.encode(), fn_name=f"raw_tracepoint__{event}".encode())
-            elif hook.kind == "kprobe":
-                module.attach_kprobe(event=hook.target.encode(), fn_name=f"kprobe__{hook.target}".encode())
-            elif hook.kind == "kretprobe":
-                module.attach_kretprobe(event=hook.target.encode(),
-                                        fn_name=f"kretprobe__{hook.target}".encode())
-            else:
+            if hook.spec.attach is None:
                 continue
+            hook.spec.attach(module, hook)
             self._attached.append(hook)
 
     @property
     def programs(self) -> list[str]:
         """BCC function names of the programs this probe attached (for --bpf-stats)."""
-        names = []
-        for hook in getattr(self, "_attached", []):
-            if hook.kind == "tracepoint":
-                system, event = hook.target.split(":")
-                names.append(f"tracepoint__{system}__{event}")
-            elif hook.kind == "raw_tracepoint":
-                names.append(f"raw_tracepoint__{hook.target.split(':')[-1]}")
-            elif hook.kind in ("kprobe", "kretprobe"):
-                names.append(f"{hook.kind}__{hook.target}")
-        return names
+        return [hook.spec.program(hook) for hook in getattr(self, "_attached", [])
+                if hook.spec.program is not None]
 
     def detach(self) -> None:
         """Undo attach(): detach every hook this probe attached (best effort)."""
         module = self.module
         for hook in reversed(getattr(self, "_attached", [])):
             try:
-                if hook.kind == "tracepoint":
-                    module.detach_tracepoint(tp=hook.target.encode())
-                elif hook.kind == "raw_tracepoint":
-                    module.detach_raw_tracepoint(tp=hook.target.split(":")[-1].encode())
-                elif hook.kind == "kprobe":
-                    module.detach_kprobe(event=hook.target.encode())
-                elif hook.kind == "kretprobe":
-                    module.detach_kretprobe(event=hook.target.encode())
+                hook.spec.detach(module, hook)
             except Exception:
                 pass
         self._attached = []
 
-    def collect(self) -> Reading:
+    def collect(self, inputs: Mapping[str, Reading] | None = None) -> Reading:
+        """A fresh cumulative reading. ``inputs`` holds this round's readings of the probes
+        named by needed() that are running (a missing one is a probe that is down)."""
         return {"counters": {}, "gauges": {}}
 
     def background(self) -> None:
@@ -271,23 +288,69 @@ class Probe:
 
 
 def hook_available(hook: Hook, features) -> bool:
-    if hook.kind == "tracepoint":
-        return features.has_tracepoint(hook.target)
-    if hook.kind == "raw_tracepoint":
-        return features.raw_tracepoints and features.has_tracepoint(hook.target)
-    if hook.kind in ("kprobe", "kretprobe"):
-        return features.kprobes and features.kprobe_target(hook.target)
-    if hook.kind == "procfs":
-        import os
-        return os.path.exists(hook.target)
-    if hook.kind == "headers":  # exact headers of the running kernel (struct layouts read)
-        return features.headers_exact
-    if hook.kind == "fentry":
-        return features.fentry
-    if hook.kind == "tracepoint_field":
-        # target is "system:event:field"
-        system, event, fname = hook.target.split(":")
-        if f"{system}:{event}" == "skb:kfree_skb" and fname == "reason":
-            return features.kfree_skb_reason
-        return False
-    return True  # procfs, netlink, socket_filter: checked by the probe at attach time
+    return hook.spec.available(hook, features)
+
+
+def _tp_name(hook: Hook) -> str:
+    system, event = hook.target.split(":")
+    return f"tracepoint__{system}__{event}"
+
+
+def _raw_event(hook: Hook) -> str:
+    return hook.target.split(":")[-1]
+
+
+def _field_available(hook: Hook, features) -> bool:
+    system, event, fname = hook.target.split(":")  # "system:event:field"
+    return f"{system}:{event}" == "skb:kfree_skb" and fname == "reason" and features.kfree_skb_reason
+
+
+def _checked_at_attach(hook: Hook, features) -> bool:
+    return True  # the probe opens it at attach time and says why when it cannot
+
+
+@dataclass(frozen=True)
+class HookKind:
+    """How the manager and the base class treat one kind of hook: whether the running kernel
+    has it, and (for BPF programs the base class attaches) attach, detach and program name."""
+    available: Callable[[Hook, Any], bool]
+    attach: Callable[[Any, Hook], None] | None = None
+    detach: Callable[[Any, Hook], None] | None = None
+    program: Callable[[Hook], str] | None = None
+    perf_event: bool = False  # attached through perf_event_open (kernel.perf_event_paranoid applies)
+
+
+HOOK_KINDS: dict[str, HookKind] = {
+    "tracepoint": HookKind(
+        available=lambda h, f: f.has_tracepoint(h.target),
+        attach=lambda m, h: m.attach_tracepoint(tp=h.target.encode(), fn_name=_tp_name(h).encode()),
+        detach=lambda m, h: m.detach_tracepoint(tp=h.target.encode()),
+        program=_tp_name, perf_event=True),
+    "raw_tracepoint": HookKind(
+        available=lambda h, f: f.raw_tracepoints and f.has_tracepoint(h.target),
+        attach=lambda m, h: m.attach_raw_tracepoint(tp=_raw_event(h).encode(),
+                                                   fn_name=f"raw_tracepoint__{_raw_event(h)}".encode()),
+        detach=lambda m, h: m.detach_raw_tracepoint(tp=_raw_event(h).encode()),
+        program=lambda h: f"raw_tracepoint__{_raw_event(h)}"),
+    "kprobe": HookKind(
+        available=lambda h, f: f.kprobes and f.kprobe_target(h.target),
+        attach=lambda m, h: m.attach_kprobe(event=h.target.encode(), fn_name=f"kprobe__{h.target}".encode()),
+        detach=lambda m, h: m.detach_kprobe(event=h.target.encode()),
+        program=lambda h: f"kprobe__{h.target}", perf_event=True),
+    "kretprobe": HookKind(
+        available=lambda h, f: f.kprobes and f.kprobe_target(h.target),
+        attach=lambda m, h: m.attach_kretprobe(event=h.target.encode(),
+                                               fn_name=f"kretprobe__{h.target}".encode()),
+        detach=lambda m, h: m.detach_kretprobe(event=h.target.encode()),
+        program=lambda h: f"kretprobe__{h.target}", perf_event=True),
+    "fentry": HookKind(available=lambda h, f: f.fentry),
+    "tracepoint_field": HookKind(available=_field_available),
+    # exact headers of the running kernel (a mode that reads struct layouts)
+    "headers": HookKind(available=lambda h, f: f.headers_exact),
+    "procfs": HookKind(available=lambda h, f: os.path.exists(h.target)),
+    # another probe's readings; the manager checks it is running before attach
+    "probe": HookKind(available=_checked_at_attach),
+    "netlink": HookKind(available=_checked_at_attach),
+    "socket_filter": HookKind(available=_checked_at_attach),
+    "bpf_link": HookKind(available=_checked_at_attach),
+}

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dpwatch.daemon.host import netns as netns_mod
 from dpwatch.daemon.host import sysctl
+from dpwatch.probes.drops.readings import reason_total
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.conntrack")
@@ -249,10 +250,6 @@ class ConntrackProbe(Probe):
 
     # -- lifecycle ------------------------------------------------------------------
     def attach(self, module) -> None:
-        if self.mode.name == "correlated":
-            drops = self.peers.get("drops")
-            if drops is None or drops.module is None:
-                raise RuntimeError("the drops probe is not attached")
         if self.mode.bpf:
             super().attach(module)
         else:
@@ -298,7 +295,7 @@ class ConntrackProbe(Probe):
         super().close()
 
     # -- collection -------------------------------------------------------------------
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         stats: dict[tuple[int, str], int] = {}
         entries: dict[int, int] = {}
         maxes: dict[int, int] = {}
@@ -319,9 +316,8 @@ class ConntrackProbe(Probe):
                 buckets[ino] = r["buckets"]
         counters: dict[str, dict] = {"stats": stats}
         info: dict[str, Any] = {"sources": {ino: s.source for ino, s in self.sources.items()}}
-        if self.mode.name == "correlated":
-            drops = self.peers["drops"]
-            counters["netfilter_drops"] = {(): drops.reason_total("NETFILTER_DROP")}
+        if self.mode.name == "correlated" and "drops" in (inputs or {}):
+            counters["netfilter_drops"] = {(): reason_total(inputs["drops"], "NETFILTER_DROP")}
         if self.mode.name == "kprobe" and self.module is not None:
             events = self.table("ct_events")
             counters["events"] = {(EVENTS[i],): int(sum(events[events.Key(i)])) for i in range(len(EVENTS))}

@@ -628,7 +628,7 @@ class DnsProbe(Probe):
         return out
 
     # -- collection ---------------------------------------------------------------------
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         # Queries already past --dns-timeout are timeouts now, also for a report's fresh
         # reading: without this they waited for the sampler's next pass (up to one interval).
         self.sweep()

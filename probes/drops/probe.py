@@ -118,7 +118,7 @@ class DropsProbe(Probe):
         return flags
 
     # -- collection -----------------------------------------------------------------
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         drops: dict[tuple[str, str], int] = {}
         counts = self.table("drops_counts")
         for key, per_cpu in counts.items():
@@ -139,16 +139,6 @@ class DropsProbe(Probe):
             for key, value in self.table("drops_locs").items():
                 locations[(int(key.location), reason_name(self.names, key.reason))] = int(value.value)
         return {"counters": {"drops": drops, "locations": locations}, "gauges": {}}
-
-    def reason_total(self, reason: str) -> int:
-        """Cumulative drops of one reason, all protocols, read straight from the map (for the
-        conntrack probe's correlated mode: it reuses this data instead of attaching again)."""
-        values = [v for v, n in self.names.items() if n == reason and v < self.max_reason]
-        if not values or self.module is None:
-            return 0
-        counts = self.table("drops_counts")
-        return int(sum(sum(counts[counts.Key(pclass * self.max_reason + values[0])])
-                       for pclass in range(len(PROTOCOLS))))
 
     def metrics(self, reading: Reading) -> Iterable:
         fam = CounterMetricFamily(

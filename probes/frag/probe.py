@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily
 from dpwatch.daemon.host import sysctl
 from dpwatch.probes.mtu.audit import OVERHEAD
 from dpwatch.daemon.host.snmp import SnmpFiles
+from dpwatch.probes.drops.readings import reason_totals
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 # Our counter name -> (snmp table, key) for IPv4, and the snmp6 key for IPv6.
@@ -65,6 +66,8 @@ class FragProbe(Probe):
     bpf_source = None
     description = "IP fragments created, fragmentation failures, reassembly failures and timeouts"
     finding_ids = ('frag.fragmentation_active', 'frag.fragmentation_failed', 'frag.reassembly_failures')
+    # frag drop reasons (DUP_FRAG, FRAG_TOO_FAR, ...) from drops; the node's own links from mtu's audit
+    needs = ("drops", "mtu")
     modes = (
         Mode("snmp", (Hook("procfs", "/proc/net/snmp"),),
              "kernel snmp counters of the daemon's netns, plus frag drop reasons from the drops probe",
@@ -95,12 +98,11 @@ class FragProbe(Probe):
         self._sockstat.clear()
         super().close()
 
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         v4, v6 = self.files.read()
         counters: dict[str, dict] = {"snmp": counters_from_snmp(v4, v6)}
-        drops = self.peers.get("drops")
-        if drops is not None and drops.module is not None:
-            counters["drop_reasons"] = {(r,): drops.reason_total(r) for r in FRAG_DROP_REASONS}
+        if "drops" in (inputs or {}):
+            counters["drop_reasons"] = reason_totals(inputs["drops"], FRAG_DROP_REASONS)
         memory: dict[tuple[str], int] = {}
         for family, fh in self._sockstat.items():
             try:
@@ -110,7 +112,10 @@ class FragProbe(Probe):
                 value = None
             if value is not None:
                 memory[(family,)] = value
-        return {"counters": counters, "gauges": {"frag_memory": memory}}
+        info = {}
+        if "mtu" in (inputs or {}):
+            info["mtu_links"] = list(inputs["mtu"].get("info", {}).get("own_links", []))
+        return {"counters": counters, "gauges": {"frag_memory": memory}, "info": info}
 
     def metrics(self, reading: Reading) -> Iterable:
         fams = {
@@ -146,7 +151,7 @@ class FragProbe(Probe):
         rate = window.rate(sum(created.values()))
         common = {"pkt_too_big_drops": drops.get("PKT_TOO_BIG", 0), "window_seconds": round(window.seconds, 1)}
         if sum(created.values()) and rate >= cfg.frag_rate_warning:
-            smaller, largest, overlay = self._smaller_links()
+            smaller, largest, overlay = smaller_links(window.new.get("info", {}).get("mtu_links"))
             where = ("typically an overlay (VXLAN/Geneve/IPIP/WireGuard) whose overhead was not taken "
                      "off the pod MTU")
             if smaller and not overlay:
@@ -202,23 +207,6 @@ class FragProbe(Probe):
         if sum(rfail.values()) or sum(rtime.values()):
             findings.append(self._reassembly(window, rfail, rtime, drops))
         return findings
-
-    def _smaller_links(self) -> tuple[list[dict], int | None, bool]:
-        """From the mtu probe's last audit, the up links of the daemon's netns (not loopback)
-        whose MTU is below the largest: the links the node fragments for when it forwards from
-        the others. Also that largest MTU, and whether an overlay device is up there."""
-        mtu = self.peers.get("mtu")
-        snap = getattr(mtu, "audit_snapshot", None)
-        own = getattr(mtu, "own_ino", None)
-        if snap is None or own is None:
-            return [], None, False
-        links = [l for l in snap.links if l.netns == own and l.up and l.kind != "loopback" and l.mtu]
-        overlay = any(l.kind in OVERLAY_KINDS for l in links)
-        if not links:
-            return [], None, overlay
-        largest = max(l.mtu for l in links)
-        smaller = sorted((l for l in links if l.mtu < largest), key=lambda l: (l.mtu, l.name))
-        return [{"name": l.name, "kind": l.kind, "mtu": l.mtu} for l in smaller[:5]], largest, overlay
 
     def _reassembly(self, window: Window, rfail: dict[str, int], rtime: dict[str, int],
                     drops: dict[str, int]) -> Finding:
@@ -281,3 +269,15 @@ class FragProbe(Probe):
             claims=("reassembly_failed",) if fails else ("reassembly_timeouts",),
             remediation=fix, impact=window.rate(fails))
 
+
+def smaller_links(own_links: list[dict] | None) -> tuple[list[dict], int | None, bool]:
+    """From the mtu probe's last audit (its reading's own_links: the daemon's netns), the up
+    links (not loopback) whose MTU is below the largest: the links the node fragments for when
+    it forwards from the others. Also that largest MTU, and whether an overlay device is up."""
+    links = [l for l in own_links or () if l["up"] and l["kind"] != "loopback" and l["mtu"]]
+    overlay = any(l["kind"] in OVERLAY_KINDS for l in links)
+    if not links:
+        return [], None, overlay
+    largest = max(l["mtu"] for l in links)
+    smaller = sorted((l for l in links if l["mtu"] < largest), key=lambda l: (l["mtu"], l["name"]))
+    return [{"name": l["name"], "kind": l["kind"], "mtu": l["mtu"]} for l in smaller[:5]], largest, overlay

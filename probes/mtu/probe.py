@@ -191,7 +191,7 @@ class MtuProbe(Probe):
         return mtu
 
     # -- collection -------------------------------------------------------------------------
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         v4, v6 = self.files.read()
         counters: dict[str, dict] = {"frag_needed": {}}
         fn = counters["frag_needed"]
@@ -214,6 +214,9 @@ class MtuProbe(Probe):
         mtus = {(ln.name, ln.kind): ln.mtu for ln in links if ln.netns == self.own_ino}
         info["issues"] = issues
         info["pmtu"] = list(snap.pmtu) if snap else []
+        # The daemon's own links, for the frag probe (it declares needs = ("drops", "mtu")).
+        info["own_links"] = [{"name": ln.name, "kind": ln.kind, "mtu": ln.mtu, "up": ln.up}
+                             for ln in links if ln.netns == self.own_ino]
         return {"counters": counters,
                 "gauges": {"interface_mtu": mtus,
                            # flagged links (a veth pair with unequal ends is two), as the metric says

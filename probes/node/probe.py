@@ -204,7 +204,7 @@ class NodeProbe(Probe):
         for inode in need:
             self._owners[inode] = (found.get(inode, []), now)
 
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         c: dict[tuple[str], int] = {}
         text = self._read("netstat")
         if text:

@@ -197,7 +197,7 @@ class SoftirqProbe(Probe):
             return {}
         return {(cpu, f): v for cpu, row in parsed.data.items() for f, v in row.items()}
 
-    def collect(self) -> Reading:
+    def collect(self, inputs=None) -> Reading:
         counters: dict[str, dict] = {"softnet": self._softnet(), "cpu_ticks": self._cpu_ticks()}
         if self.bpf_active:
             counters.update(self._collect_bpf())

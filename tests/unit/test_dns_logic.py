@@ -290,7 +290,7 @@ def test_metrics_text():
     r["counters"]["latency_sum"] = {"NOERROR": 0.3, "NXDOMAIN": 9.0}
 
     class C:
-        def collect(self):
+        def collect(self, inputs=None):
             return p.metrics(r)
     reg = CollectorRegistry(auto_describe=False)
     reg.register(C())

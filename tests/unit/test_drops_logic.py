@@ -541,7 +541,7 @@ class FakeManager:
     def __init__(self, probe, fresh):
         self.probe, self.fresh = probe, fresh
 
-    def collect(self):
+    def collect(self, inputs=None):
         return {"drops": self.fresh, "_manager": {"counters": {}, "gauges": {}}}
 
     def active(self):

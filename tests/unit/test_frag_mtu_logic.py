@@ -300,8 +300,10 @@ def test_frag_fragmentation_active_names_the_smaller_links(frag_sysctls):
     p = FragProbe(Config())
     links = [_link("lo", "loopback", 65536), _link("veth-a", "veth", 1500), _link("veth-b", "veth", 1400),
              _link("eth9", "device", 1280, up=False), _link("eth0", "veth", 1400, netns=2)]
-    p.peers = {"mtu": SimpleNamespace(audit_snapshot=Snapshot(links, [], [], 0, own_netns=1), own_ino=1)}
+    def own(links):  # what the mtu probe's reading hands the frag probe: its own netns' links
+        return [{"name": ln.name, "kind": ln.kind, "mtu": ln.mtu, "up": ln.up} for ln in links if ln.netns == 1]
     new = frag_reading({("frag_creates", "ipv4"): 20})
+    new["info"] = {"mtu_links": own(links)}
     (f,) = p.diagnose(Window(10, None, new))
     assert f.evidence["smaller_links"] == [{"name": "veth-b", "kind": "veth", "mtu": 1400}]
     assert f.evidence["largest_link_mtu"] == 1500
@@ -309,10 +311,11 @@ def test_frag_fragmentation_active_names_the_smaller_links(frag_sysctls):
             and "typically an overlay" not in f.summary)
     # An overlay up: its overhead is the likelier cause, as without the audit.
     links.append(_link("vxlan0", "vxlan", 1450))
+    new["info"] = {"mtu_links": own(links)}
     (f,) = p.diagnose(Window(10, None, new))
     assert "typically an overlay" in f.summary
     # All equal: nothing to name.
-    p.peers["mtu"].audit_snapshot = Snapshot([_link("veth-a", "veth", 1500)], [], [], 0, own_netns=1)
+    new["info"] = {"mtu_links": own([_link("veth-a", "veth", 1500)])}
     (f,) = p.diagnose(Window(10, None, new))
     assert "smaller_links" not in f.evidence and "typically an overlay" in f.summary
 
@@ -414,7 +417,7 @@ class OneShot:
     def __init__(self, families):
         self.families = list(families)
 
-    def collect(self):
+    def collect(self, inputs=None):
         return iter(self.families)
 
 

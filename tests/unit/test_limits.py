@@ -101,7 +101,7 @@ def test_histograms_fold_whole_series():
     reg = CollectorRegistry(auto_describe=False)
 
     class _C:
-        def collect(self):
+        def collect(self, inputs=None):
             yield out
     reg.register(_C())
     text = generate_latest(reg).decode()
@@ -146,7 +146,7 @@ class _Manager:
         self.status = {"many": _Status("many")}
         self.compile_seconds = 0.0
 
-    def collect(self):
+    def collect(self, inputs=None):
         return {"many": {"counters": {}, "gauges": {}},
                 "_manager": {"counters": {"map_update_errors": {("many", "m"): 3},
                                           "collect_errors": {},

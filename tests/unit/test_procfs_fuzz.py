@@ -269,7 +269,7 @@ class _SteadyProbe(Probe):
     def attach(self, module):
         self.module, self._attached, self.n = module, [], 0
 
-    def collect(self):
+    def collect(self, inputs=None):
         self.n += 1
         return {"counters": {"ticks": {("t",): self.n}}, "gauges": {}}
 

@@ -429,7 +429,7 @@ def test_metrics_exact():
     r["counters"]["latency_sum_ns"] = {("NET_RX",): 2_000_000_000}
 
     class C:
-        def collect(self):
+        def collect(self, inputs=None):
             return p.metrics(r)
     reg = CollectorRegistry()
     reg.register(C())

@@ -320,7 +320,7 @@ class FakeManager:
     def __init__(self, probe, fresh):
         self.probe, self.fresh = probe, fresh
 
-    def collect(self):
+    def collect(self, inputs=None):
         return {"odd": self.fresh, "_manager": {"counters": {}, "gauges": {}}}
 
     def active(self):
