@@ -11,9 +11,10 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from dpwatch import __version__
-from dpwatch.probes.registry import probe_names
+from dpwatch.probes.registry import PROBES, probe_names
 from dpwatch.daemon.config import Config, ConfigError, parse_duration
 
 EX_USAGE = 64      # a bad flag, variable or config value
@@ -102,64 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", default=None,
                    help="treat any probe that cannot load as fatal (exit 3), and with `run`, any "
                         "event lost while running (a full map, a failed read) too (exit 5)")
-    _opt(g, "drops-rate-warning", float, d.drops_rate_warning,
-         help="drops/s over the window that raise drops.top_reasons (default: %(default)s)")
-    _opt(g, "drops-rate-critical", float, d.drops_rate_critical,
-         help="drops/s that make a drops finding critical (default: %(default)s)")
-    _opt(g, "drops-location-entries", int, d.drops_location_entries,
-         help="LRU entries of drop locations kept in kernel; 0 turns it off (default: %(default)s)")
-    _opt(g, "drops-location-sample", int, d.drops_location_sample,
-         help="after the first 64 drops of a reason on a CPU, record the location of one "
-              "drop in N (a power of two; 1 = every drop) (default: %(default)s)")
-    _opt(g, "drops-other-entries", int, d.drops_other_entries,
-         help="entries of the in-kernel hash for reasons above the named ones (default: %(default)s)")
-    c = common.add_argument_group("conntrack probe")
-    c.add_argument("--conntrack-all-netns", action="store_true", default=None,
-                   help="watch every netns under /run/netns and /proc/*/ns/net, labelled by "
-                        "netns inode (default: only the daemon's own)")
-    _opt(c, "conntrack-max-netns", int, d.conntrack_max_netns,
-         help="most namespaces watched with --conntrack-all-netns (default: %(default)s)")
-    _opt(c, "conntrack-pressure-percent", float, d.conntrack_pressure_percent,
-         help="table fill that raises conntrack.table_pressure (default: %(default)s)")
-    _opt(c, "conntrack-full-percent", float, d.conntrack_full_percent,
-         help="table fill that raises conntrack.table_full (default: %(default)s)")
-    m = common.add_argument_group("frag and mtu probes")
-    _opt(m, "frag-rate-warning", float, d.frag_rate_warning,
-         help="fragments created per second that raise frag.fragmentation_active (default: %(default)s)")
-    m.add_argument("--mtu-all-netns", action="store_true", default=None,
-                   help="audit links in every netns (pod sides of veth pairs included), not just the daemon's")
-    m.add_argument("--mtu-audit-interval", default=_env("mtu-audit-interval", "30s"),
-                   help="how often the MTU audit runs (default: %(default)s)")
-    na = common.add_argument_group("node audit")
-    na.add_argument("--node-audit-interval", default=_env("node-audit-interval", "60s"),
-                    help="how often the node audit (sysctls, sockets, netfilter rules) runs (default: %(default)s)")
-    _opt(na, "netfilter-rules-warning", int, d.netfilter_rules_warning,
-         help="netfilter rules (nftables plus iptables-legacy) that raise "
-              "netfilter.rule_count_high (default: %(default)s)")
-    s = common.add_argument_group("softirq probe")
-    s.add_argument("--softirq-hooks", default=_env("softirq-hooks", d.softirq_hooks),
-                   help="auto (the cheapest the kernel has), raw_tracepoint, tracepoint, or procfs "
-                        "(no BPF: softnet_stat and /proc/stat only) (default: %(default)s)")
-    _opt(s, "softirq-saturated-percent", float, d.softirq_saturated_percent,
-         help="share of a CPU's time in NET_RX+NET_TX that raises softirq.cpu_saturated "
-              "(default: %(default)s)")
-    _opt(s, "softirq-imbalance-ratio", float, d.softirq_imbalance_ratio,
-         help="busiest CPU's net softirq time over the mean of all CPUs that raises "
-              "softirq.imbalance (default: %(default)s)")
-    s.add_argument("--softirq-latency-threshold", default=_env("softirq-latency-threshold", "1ms"),
-                   help="p99 raise-to-run latency of NET_RX/NET_TX that raises softirq.latency_high "
-                        "(default: %(default)s)")
-    _opt(s, "softirq-squeeze-rate", float, d.softirq_squeeze_rate,
-         help="time squeezes per second that raise softnet.time_squeeze (default: %(default)s)")
-    _opt(s, "softirq-steal-percent", float, d.softirq_steal_percent,
-         help="CPU steal share that raises cpu.steal (default: %(default)s)")
-    _opt(s, "softirq-napi-devices", int, d.softirq_napi_devices,
-         help="devices counted by name for NAPI budget exhaustion; more are counted as "
-              "device \"(overflow)\" (default: %(default)s)")
-    _opt(s, "softirq-sample", int, d.softirq_sample,
-         help="time one softirq run in N per CPU and vector (a power of two; 1 = every run; "
-              "runs are always counted) (default: %(default)s)")
-    _dns_flags(common, d)
+    add_probe_flags(common)
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
                    help="debug, info, warning or error (default: %(default)s)")
@@ -234,90 +178,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dns_flags(common: argparse.ArgumentParser, d: Config) -> None:
-    # String defaults from DPWATCH_* go through `type` too, so a bad variable exits 64 as well.
-    g = common.add_argument_group("dns probe")
-    g.add_argument("--dns-ports", default=_env("dns-ports", ",".join(map(str, d.dns_ports))),
-                   help="UDP server ports parsed as DNS, comma-separated, up to 8 (default: %(default)s)")
-    g.add_argument("--dns-timeout", default=_env("dns-timeout", "5s"),
-                   help="a query unanswered this long counts as a timeout (default: %(default)s)")
-    g.add_argument("--dns-names", default=_env("dns-names", d.dns_names),
-                   help="how names appear in /diagnose: full, suffix (last two labels), hashed "
-                        "(keyed hash) or off (no names kept at all) (default: %(default)s)")
-    _opt(g, "dns-top-servers", int, d.dns_top_servers,
-         help="DNS servers that get their own `server` label; the rest are \"other\" "
-              "(default: %(default)s)")
-    g.add_argument("--dns-hook", default=_env("dns-hook", d.dns_hook),
-                   help="auto (tcx links on kernels 6.6+, else the AF_PACKET socket filter), tcx, "
-                        "socket, or tc (legacy clsact filters: cheaper than socket before 6.6, but a "
-                        "kill -9 leaves them attached until the next start) (default: %(default)s)")
-    _opt(g, "dns-pending-entries", int, d.dns_pending_entries,
-         help="in-kernel LRU of outstanding queries (default: %(default)s)")
-    _opt(g, "dns-names-entries", int, d.dns_names_entries,
-         help="in-kernel LRU of recent names (default: %(default)s)")
-    g.add_argument("--dns-latency-p99", default=_env("dns-latency-p99", "200ms"),
-                   help="p99 latency that raises dns.latency_high (default: %(default)s)")
-    _opt(g, "dns-timeout-percent", float, d.dns_timeout_percent,
-         help="timeouts, in %% of queries, that raise dns.timeouts (default: %(default)s)")
-    _opt(g, "dns-error-percent", float, d.dns_error_percent,
-         help="SERVFAIL and REFUSED, in %% of responses, that raise dns.errors (default: %(default)s)")
-    _opt(g, "dns-nxdomain-percent", float, d.dns_nxdomain_percent,
-         help="NXDOMAIN, in %% of responses, that raise dns.nxdomain_rate (default: %(default)s)")
-    _opt(g, "dns-search-nxdomain-min", int, d.dns_search_nxdomain_min,
-         help="NXDOMAIN answers of search-list walks (all names together) in a window that raise "
-              "dns.search_path_amplification (default: %(default)s)")
-    g.add_argument("--dns-cluster-domain", default=_env("dns-cluster-domain", d.dns_cluster_domain),
-                   help="the cluster's DNS domain, for search-path detection (default: %(default)s)")
-    g.add_argument("--dns-resolv-conf", default=_env("dns-resolv-conf", d.dns_resolv_conf),
-                   help="resolv.conf whose search list is also a search suffix (default: %(default)s)")
+def add_probe_flags(common: argparse.ArgumentParser) -> None:
+    """One --help group per probe, one flag per declared param (probes/<name>/params.py),
+    each defaulting to its DPWATCH_* twin when that is set. A variable that is not a number
+    raises ConfigError naming it (main exits 64); text values (durations, choices) are parsed
+    with the flag's own name in config_from_args."""
+    for probe in PROBES:
+        shown = [p for p in probe.params if p.cli]
+        if not shown:
+            continue
+        group = common.add_argument_group(probe.param_group or f"{probe.name} probe")
+        for param in shown:
+            text = param.help.replace("%", "%%")
+            if param.type == "bool":
+                group.add_argument(param.option, action="store_true", default=None, help=text)
+                continue
+            text += " (default: %(default)s)"
+            if param.type in ("int", "float"):
+                env = param.env_value(ConfigError)
+                default = param.default if env is None else env
+                group.add_argument(param.option, type=int if param.type == "int" else float,
+                                   default=default, help=text, metavar=param.metavar)
+            else:
+                group.add_argument(param.option, default=_env(param.flag, param.shown_default()),
+                                   help=text, metavar=param.metavar)
 
 
-def _dns_config(cfg: Config, args) -> None:
-    cfg.dns_ports = args.dns_ports
-    cfg.dns_timeout = parse_duration(args.dns_timeout, "--dns-timeout")
-    cfg.dns_names = args.dns_names
-    cfg.dns_top_servers = args.dns_top_servers
-    cfg.dns_hook = args.dns_hook
-    cfg.dns_pending_entries = args.dns_pending_entries
-    cfg.dns_names_entries = args.dns_names_entries
-    cfg.dns_latency_p99 = parse_duration(args.dns_latency_p99, "--dns-latency-p99")
-    cfg.dns_timeout_percent = args.dns_timeout_percent
-    cfg.dns_error_percent = args.dns_error_percent
-    cfg.dns_nxdomain_percent = args.dns_nxdomain_percent
-    cfg.dns_search_nxdomain_min = args.dns_search_nxdomain_min
-    cfg.dns_cluster_domain = args.dns_cluster_domain
-    cfg.dns_resolv_conf = args.dns_resolv_conf
+def probe_values(args) -> dict[str, Any]:
+    """Config values of every probe param: the flag, else its DPWATCH_* twin, else the default."""
+    out: dict[str, Any] = {}
+    for probe in PROBES:
+        for param in probe.params:
+            if not param.cli:
+                continue
+            raw = getattr(args, param.attr)
+            if param.type == "bool":
+                env = param.env_value(ConfigError)
+                out[param.attr] = True if raw else (param.default if env is None else env)
+            elif isinstance(raw, str) and param.type != "str":
+                out[param.attr] = param.from_text(raw, param.option, ConfigError)
+            else:
+                out[param.attr] = raw
+    return out
 
 
 def config_from_args(args) -> Config:
     cfg = Config(
         probes=args.probes, disable=args.disable, require=args.require,
         strict=bool(args.strict) if args.strict is not None else _env_bool("strict"),
-        drops_rate_warning=args.drops_rate_warning, drops_rate_critical=args.drops_rate_critical,
-        drops_location_entries=args.drops_location_entries, log_level=args.log_level,
-        drops_location_sample=args.drops_location_sample,
-        drops_other_entries=args.drops_other_entries,
-        conntrack_all_netns=(bool(args.conntrack_all_netns) if args.conntrack_all_netns is not None
-                             else _env_bool("conntrack-all-netns")),
-        conntrack_max_netns=args.conntrack_max_netns,
-        conntrack_pressure_percent=args.conntrack_pressure_percent,
-        conntrack_full_percent=args.conntrack_full_percent,
-        frag_rate_warning=args.frag_rate_warning,
-        mtu_all_netns=(bool(args.mtu_all_netns) if args.mtu_all_netns is not None
-                       else _env_bool("mtu-all-netns")),
-        mtu_audit_interval=parse_duration(args.mtu_audit_interval, "--mtu-audit-interval"),
-        node_audit_interval=parse_duration(args.node_audit_interval, "--node-audit-interval"),
-        netfilter_rules_warning=args.netfilter_rules_warning,
-        softirq_hooks=args.softirq_hooks,
-        softirq_saturated_percent=args.softirq_saturated_percent,
-        softirq_imbalance_ratio=args.softirq_imbalance_ratio,
-        softirq_latency_threshold=parse_duration(args.softirq_latency_threshold, "--softirq-latency-threshold"),
-        softirq_squeeze_rate=args.softirq_squeeze_rate,
-        softirq_steal_percent=args.softirq_steal_percent,
-        softirq_napi_devices=args.softirq_napi_devices,
-        softirq_sample=args.softirq_sample,
-    )
-    _dns_config(cfg, args)
+        log_level=args.log_level, **probe_values(args))
     if args.command == "run":
         cfg.listen = args.listen
         cfg.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")

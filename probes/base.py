@@ -176,6 +176,9 @@ class Probe:
     # Config attributes and validation. ``param_group`` titles their --help section.
     params: tuple[Param, ...] = ()
     param_group: str = ""
+    # Checks across several params (each alone is checked from its declaration):
+    # fn(config, error_class) raising error_class naming the flags.
+    param_checks: tuple[Callable[[Any, type], None], ...] = ()
     # Probes whose readings collect() receives (``inputs``) when they run; a mode that cannot
     # work without one says Hook("probe", name) (the manager then attaches it only when that
     # probe runs). The manager collects them first; no probe reads another's maps.
@@ -185,11 +188,6 @@ class Probe:
         self.config = config
         self.mode: Mode | None = None
         self.module = None
-
-    @classmethod
-    def check_params(cls, config: Any) -> None:
-        """Checks across several of this probe's params (each one alone is checked from its
-        declaration); raise ConfigError naming the flags."""
 
     def needed(self) -> tuple[str, ...]:
         """The probes whose readings this probe's current mode reads."""

@@ -43,12 +43,13 @@ def parse_duration(text: Any, name: str = "duration", error: type[Exception] = P
 
 
 def format_duration(seconds: float) -> str:
-    """5.0 -> '5s', 0.2 -> '200ms', 3600 -> '1h': the form a user would type."""
+    """5.0 -> '5s', 0.2 -> '200ms', 3600 -> '1h', 60 -> '60s': the form a user would type."""
+    if seconds and seconds < 0.001:
+        return f"{seconds * 1e6:g}us"
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
     return f"{seconds:g}s"
 
 
@@ -97,6 +98,8 @@ class Param:
     cli: bool = True          # False: a Config value with no flag or variable (tests, bench)
     metavar: str | None = None
     hint: str = ""            # appended to a range error: what the value means
+    pattern: str = ""         # str: a regular expression the whole value must match
+    what: str = ""            # str with a pattern: what the value must be ("a domain name")
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -160,10 +163,16 @@ class Param:
             return value
         if self.type in ("int", "float", "duration"):
             self._check_range(value, error)
+        if self.type == "str" and self.pattern and not re.fullmatch(self.pattern, value or ""):
+            raise error(f"{self.option}: {value!r} is not {self.what or 'valid'}")
         return value
 
     def _check_range(self, value: float, error: type[Exception]) -> None:
         show = format_duration if self.type == "duration" else (lambda v: f"{v:g}")
+        if self.power_of_two and not (self.min <= value <= self.max and int(value) == value
+                                      and int(value) & (int(value) - 1) == 0):
+            raise error(f"{self.option}: {value} must be a power of two within "
+                        f"{show(self.min)}..{show(self.max)}")
         low_ok = self.min is None or (value > self.min if self.min_exclusive else value >= self.min)
         high_ok = self.max is None or value <= self.max
         if not (low_ok and high_ok):
@@ -178,9 +187,6 @@ class Param:
             word = "must be" if span[0] in "<>" else "is outside"
             hint = f" ({self.hint})" if self.hint else ""
             raise error(f"{self.option}: {show(value)} {word} {span}{hint}")
-        if self.power_of_two and (value < 1 or int(value) & (int(value) - 1)):
-            raise error(f"{self.option}: {value} must be a power of two within "
-                        f"{show(self.min or 1)}..{show(self.max)}")
 
     def env_value(self, error: type[Exception] = ParamError) -> Any:
         """The DPWATCH_* twin's typed value, or None when it is not set."""

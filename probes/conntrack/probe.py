@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from dpwatch.daemon.host import netns as netns_mod
 from dpwatch.daemon.host import sysctl
 from dpwatch.probes.drops.readings import reason_total
+from dpwatch.probes.conntrack import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.conntrack")
@@ -193,6 +194,8 @@ class ConntrackProbe(Probe):
     bpf_source = "conntrack.c"
     description = "conntrack table fill, drops, early drops and insert failures, with their netns"
     finding_ids = ('conntrack.table_full', 'conntrack.table_pressure', 'conntrack.insert_failed')
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
+    param_checks = params_mod.CHECKS
     modes = (
         Mode("kprobe",
              (Hook("procfs", CT_MAX_SYSCTL), Hook("headers", "exact"),

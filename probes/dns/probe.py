@@ -35,6 +35,7 @@ from typing import Any, Iterable
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from dpwatch.probes.dns import names as dn
+from dpwatch.probes.dns import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 from dpwatch.probes.sample import p_value, share_exceeds
 
@@ -155,6 +156,7 @@ class DnsProbe(Probe):
                    "malformed packets, per-server counters and search-path storms")
     finding_ids = ("dns.latency_high", "dns.timeouts", "dns.errors", "dns.nxdomain_rate",
                    "dns.search_path_amplification")
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
         Mode("tcx", (Hook("bpf_link", "tcx ingress+egress on every interface (kernel 6.6+)"),),
              "classifier on tcx links on every interface of the netns, both directions "

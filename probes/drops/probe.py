@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.host.kallsyms import KallsymsResolver
 from dpwatch.daemon.host import tracefs
+from dpwatch.probes.drops import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 PROTOCOLS = ("ipv4", "ipv6", "arp", "other")  # index = protocol class in bpf/drops.c
@@ -77,6 +78,8 @@ class DropsProbe(Probe):
     bpf_source = "drops.c"
     description = "packet drops by kernel drop reason and protocol, with top drop locations"
     finding_ids = ('drops.socket_receive_buffer', 'drops.listen_overflow', 'drops.netfilter', 'drops.top_reasons')
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
+    param_checks = params_mod.CHECKS
     modes = (
         Mode("tracepoint",
              (Hook("tracepoint", "skb:kfree_skb"), Hook("tracepoint_field", "skb:kfree_skb:reason")),

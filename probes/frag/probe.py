@@ -18,6 +18,7 @@ from dpwatch.daemon.host import sysctl
 from dpwatch.probes.mtu.audit import OVERHEAD
 from dpwatch.daemon.host.snmp import SnmpFiles
 from dpwatch.probes.drops.readings import reason_totals
+from dpwatch.probes.frag import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 # Our counter name -> (snmp table, key) for IPv4, and the snmp6 key for IPv6.
@@ -66,6 +67,7 @@ class FragProbe(Probe):
     bpf_source = None
     description = "IP fragments created, fragmentation failures, reassembly failures and timeouts"
     finding_ids = ('frag.fragmentation_active', 'frag.fragmentation_failed', 'frag.reassembly_failures')
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
     # frag drop reasons (DUP_FRAG, FRAG_TOO_FAR, ...) from drops; the node's own links from mtu's audit
     needs = ("drops", "mtu")
     modes = (

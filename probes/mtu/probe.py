@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dpwatch.probes.mtu import audit as mtuaudit
 from dpwatch.daemon.host.snmp import SnmpFiles
+from dpwatch.probes.mtu import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.mtu")
@@ -45,6 +46,7 @@ class MtuProbe(Probe):
     bpf_source = "mtu.c"
     description = "MTU audit (veth/bridge/overlay mismatches, route MTUs, PMTU cache) and ICMP frag-needed"
     finding_ids = ('mtu.mismatch', 'mtu.pmtu_frag_needed')
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
         Mode("kprobe", (Hook("tracepoint", "icmp:icmp_send"), Hook("kprobe", "icmp_unreach"),
                         Hook("headers", "exact")),

@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from dpwatch.probes.node import listeners
 from dpwatch.probes.node import audit as nodeaudit
 from dpwatch.daemon.host.snmp import parse_snmp, parse_snmp6
+from dpwatch.probes.node import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.node")
@@ -67,6 +68,7 @@ class NodeProbe(Probe):
                    "node.tcp_tw_reuse_off", "node.netdev_max_backlog_low", "node.socket_buffers_small",
                    "node.congestion_control", "node.inotify_limits_low", "netfilter.rule_count_high",
                    "node.overlay_in_use")
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
         Mode("audit", (Hook("procfs", "/proc/sys/net/core/somaxconn"),),
              "sysctls, /proc/net/tcp, sock_diag listeners, nfnetlink and iptables-legacy rule "

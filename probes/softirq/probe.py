@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from dpwatch.daemon.host import procnet
 from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.host import tracefs
+from dpwatch.probes.softirq import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 from dpwatch.probes.sample import p_value, share_exceeds
 
@@ -104,6 +105,7 @@ class SoftirqProbe(Probe):
                    "time squeezes, NAPI budget exhaustion, CPU steal")
     finding_ids = ("softirq.cpu_saturated", "softirq.imbalance", "softnet.backlog_drops",
                    "softnet.time_squeeze", "softirq.latency_high", "cpu.steal")
+    params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
         Mode("raw_tracepoint",
              tuple(Hook("raw_tracepoint", f"irq:{e}") for e in IRQ_EVENTS)

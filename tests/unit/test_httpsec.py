@@ -118,7 +118,7 @@ def test_missing_file(tmp_path):
     (["--diagnose-token", TOKEN, "--diagnose-token-file", "/etc/hostname"], "give one, not both"),
     (["--diagnose-token-file", "/nonexistent/token"], "cannot read it"),
     (["--restrict-diagnose", "lan"], "invalid choice: 'lan'"),
-    (["--drops-other-entries", "0"], "--drops-other-entries must be within"),
+    (["--drops-other-entries", "0"], "--drops-other-entries: 0 is outside 1..65536"),
 ])
 def test_cli_exits_64_naming_the_problem(tmp_path, capsys, argv, needle):
     bad = write(tmp_path, "basic_auth_users:\n  bob: hunter2\n")

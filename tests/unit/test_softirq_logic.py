@@ -506,9 +506,9 @@ def test_vector_names_fall_back_to_proc_softirqs(monkeypatch):
     ("softirq_saturated_percent", 101.0, "--softirq-saturated-percent: 101 is outside (0, 100]"),
     ("softirq_imbalance_ratio", 1.0, "--softirq-imbalance-ratio: 1 must be > 1"),
     ("softirq_latency_threshold", 0.0, "--softirq-latency-threshold: 0s is outside 1us..10s"),
-    ("softirq_squeeze_rate", 0.0, "--softirq-squeeze-rate must be > 0"),
+    ("softirq_squeeze_rate", 0.0, "--softirq-squeeze-rate: 0 must be > 0"),
     ("softirq_steal_percent", -1.0, "--softirq-steal-percent: -1 is outside (0, 100]"),
-    ("softirq_napi_devices", 0, "--softirq-napi-devices must be within 1..65536"),
+    ("softirq_napi_devices", 0, "--softirq-napi-devices: 0 is outside 1..65536"),
     ("softirq_sample", 12, "--softirq-sample: 12 must be a power of two within 1..1024"),
     ("softirq_sample", 2048, "--softirq-sample: 2048 must be a power of two"),
 ])
