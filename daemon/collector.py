@@ -25,6 +25,18 @@ class DpwatchCollector(Collector):
     def collect(self):
         start = time.monotonic()
         readings = self.manager.collect()
+        yield from self._probe_families(readings)
+        yield from self._status_families()
+        own = readings.get("_manager", {})
+        yield from self._manager_families(own.get("counters", {}), own.get("gauges", {}))
+        if getattr(self.manager.config, "bpf_stats", False):
+            yield from self._program_families()
+        yield GaugeMetricFamily("dpwatch_bpf_compile_seconds", "Time spent compiling the BPF "
+                                "module at start-up.", value=self.manager.compile_seconds)
+        yield GaugeMetricFamily("dpwatch_scrape_collect_seconds", "Time this scrape spent "
+                                "reading the maps.", value=time.monotonic() - start)
+
+    def _probe_families(self, readings):
         for name, probe in self.manager.active().items():
             reading = readings.get(name)
             if reading is None:
@@ -37,6 +49,7 @@ class DpwatchCollector(Collector):
                 continue
             yield from families
 
+    def _status_families(self):
         up = GaugeMetricFamily("dpwatch_probe_up", "1 when the probe is attached and collecting "
                                "(a degraded fallback mode counts as up), 0 otherwise.",
                                labels=["probe", "mode"])
@@ -50,7 +63,7 @@ class DpwatchCollector(Collector):
         info.add_metric([__version__, self.features.kernel_release], 1.0)
         yield info
 
-        mgr = readings.get("_manager", {}).get("counters", {})
+    def _manager_families(self, mgr, gauges):
         errs = CounterMetricFamily("dpwatch_bpf_map_update_errors", "Failed BPF map updates in "
                                    "kernel (map full or out of memory), by probe and map.",
                                    labels=["probe", "map"])
@@ -63,6 +76,7 @@ class DpwatchCollector(Collector):
         for name in self.manager.active():
             cerr.add_metric([name], mgr.get("collect_errors", {}).get(name, 0))
         yield cerr
+        yield from collect_health(gauges)
 
         lost = CounterMetricFamily("dpwatch_events_lost", "Events a probe saw but could not "
                                    "record, by stage: map_update (an in-kernel map was full), "
@@ -79,22 +93,32 @@ class DpwatchCollector(Collector):
             over.add_metric([metric], value)
         yield over
 
-        if getattr(self.manager.config, "bpf_stats", False):
-            secs = CounterMetricFamily("dpwatch_bpf_program_run_seconds", "Time spent running each "
-                                       "dpwatch BPF program in kernel (needs --bpf-stats).",
-                                       labels=["probe", "program"])
-            runs = CounterMetricFamily("dpwatch_bpf_program_runs", "Runs of each dpwatch BPF program "
-                                       "(needs --bpf-stats).", labels=["probe", "program"])
-            for probe, prog, ns, cnt in self.manager.program_stats():
-                secs.add_metric([probe, prog], ns / 1e9)
-                runs.add_metric([probe, prog], cnt)
-            yield secs
-            yield runs
+    def _program_families(self):
+        secs = CounterMetricFamily("dpwatch_bpf_program_run_seconds", "Time spent running each "
+                                   "dpwatch BPF program in kernel (needs --bpf-stats).",
+                                   labels=["probe", "program"])
+        runs = CounterMetricFamily("dpwatch_bpf_program_runs", "Runs of each dpwatch BPF program "
+                                   "(needs --bpf-stats).", labels=["probe", "program"])
+        for probe, prog, ns, cnt in self.manager.program_stats():
+            secs.add_metric([probe, prog], ns / 1e9)
+            runs.add_metric([probe, prog], cnt)
+        yield secs
+        yield runs
 
-        yield GaugeMetricFamily("dpwatch_bpf_compile_seconds", "Time spent compiling the BPF "
-                                "module at start-up.", value=self.manager.compile_seconds)
-        yield GaugeMetricFamily("dpwatch_scrape_collect_seconds", "Time this scrape spent "
-                                "reading the maps.", value=time.monotonic() - start)
+
+def collect_health(gauges: dict) -> list:
+    """The manager's per-probe outcome of the last collect(), like node_exporter's
+    node_scrape_collector_success and _duration_seconds."""
+    ok = GaugeMetricFamily("dpwatch_probe_collect_success", "1 when the probe's last collect "
+                           "(its read of maps and files) succeeded, 0 when it failed (its "
+                           "metrics are then missing from this scrape).", labels=["probe"])
+    for (name,), value in sorted(gauges.get("collect_success", {}).items()):
+        ok.add_metric([name], float(value))
+    secs = GaugeMetricFamily("dpwatch_probe_collect_duration_seconds", "Time the probe's last "
+                             "collect took (reading its maps and files).", labels=["probe"])
+    for (name,), value in sorted(gauges.get("collect_seconds", {}).items()):
+        secs.add_metric([name], float(value))
+    return [ok, secs]
 
 
 class SyntheticCollector(Collector):
