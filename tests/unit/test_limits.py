@@ -1,6 +1,6 @@
 """Unit tests for the series cap (daemon/limits.py), its wiring in the collector, and the
 bounds of every user-space structure the daemon keeps (snapshot ring, symbol cache, auth
-cache, series memory). The collector test uses a stand-in manager: the kernel tier
+cache, series memory). The collector test uses tests/fakes.py's manager: the kernel tier
 (tests/kernel/test_faults_kernel.py) runs the same cap over real maps."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dpwatch.daemon.config import Config
 from dpwatch.daemon.host.kallsyms import KallsymsResolver
 from dpwatch.daemon.limits import OTHER, SeriesLimiter
 from dpwatch.daemon.snapshots import SnapshotRing
-from dpwatch.probes.base import Probe, State
+from dpwatch.probes.base import Probe
+from fakes import FakeFeatures, FakeManager
 
 
 def family(values: dict[tuple[str, str], float]) -> CounterMetricFamily:
@@ -132,40 +133,20 @@ class _ManyProbe(Probe):
         yield fam
 
 
-class _Status:
-    def __init__(self, name):
-        self.name, self.state, self.mode = name, State.ATTACHED, "test"
+def _manager(cfg, n):
+    """One probe with ``n`` series, no kernel; a full map counted in the manager's block."""
+    return FakeManager([_ManyProbe(cfg, n)], {"many": {"counters": {}, "gauges": {}}}, config=cfg,
+                       counters={"map_update_errors": {("many", "m"): 3}})
 
 
-class _Manager:
-    """Stand-in for ProbeManager: one probe with ``n`` series, no kernel."""
-
-    def __init__(self, cfg, n):
-        self.config = cfg
-        self.probe = _ManyProbe(cfg, n)
-        self.status = {"many": _Status("many")}
-        self.compile_seconds = 0.0
-
-    def collect(self, inputs=None):
-        return {"many": {"counters": {}, "gauges": {}},
-                "_manager": {"counters": {"map_update_errors": {("many", "m"): 3},
-                                          "collect_errors": {},
-                                          "events_lost": {("many", "map_update"): 3,
-                                                          ("many", "collect"): 0}}}}
-
-    def active(self):
-        return {"many": self.probe}
-
-
-class _Features:
-    kernel_release = "test"
+_Manager, _Features = _manager, FakeFeatures  # test_httpsec.py imports these names
 
 
 def test_collector_caps_series_and_exports_overflow_and_events_lost():
     cfg = Config()
     cfg.max_series_per_metric = 10
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(DpwatchCollector(_Manager(cfg, 25), _Features()))
+    reg.register(DpwatchCollector(_manager(cfg, 25), FakeFeatures()))
     text = generate_latest(reg).decode()
     rows = [ln for ln in text.splitlines() if ln.startswith("dpwatch_many_events_total{")]
     assert len(rows) == 11  # 10 of their own + other
