@@ -1,6 +1,7 @@
 """Kernel feature detection, done once at start-up.
 
-Detection only reads files under /proc and /sys. The one active check is the fentry
+Detection only reads files under /proc and /sys (``paths.proc()`` and ``paths.sys()``: a
+test points them at fixture trees). The one active check is the fentry
 probe: it loads a two-instruction BPF program and closes it at once, which is the only
 way to learn whether the kernel permits fentry (the file system does not say); nothing
 stays in the kernel.
@@ -15,9 +16,12 @@ import platform
 import re
 from dataclasses import asdict, dataclass, field
 
+from dpwatch.daemon.host import btf as btfmod
+from dpwatch.daemon.host import paths
 from dpwatch.daemon.host import tracefs
 
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+# features.BTF_VMLINUX: the kernel's BTF file under the sys root at the time it is read.
+__getattr__ = paths.lazy_paths(__name__, BTF_VMLINUX=btfmod.vmlinux_path)
 
 
 @dataclass
@@ -85,7 +89,7 @@ def _list_tracepoints(base: str | None) -> frozenset[str]:
 
 
 def _detect_kprobes(base: str | None) -> tuple[bool, str]:
-    if os.path.isdir("/sys/bus/event_source/devices/kprobe"):
+    if os.path.isdir(paths.sys("bus", "event_source", "devices", "kprobe")):
         return True, "kprobe PMU present"
     if base and os.path.exists(os.path.join(base, "kprobe_events")):
         return True, "kprobe_events present in tracefs"
@@ -155,7 +159,6 @@ def _detect_fentry(btf: bool, machine: str) -> tuple[bool, str]:
         return False, "no kernel BTF"
     from dpwatch.daemon.host.bpfstats import bpf_syscall
     try:
-        from dpwatch.daemon.host import btf as btfmod
         func_id = btfmod.find_type_id("udp_rcv", "FUNC")
     except Exception as exc:  # malformed BTF or a missing function: report, do not crash
         return False, f"cannot find a BTF function id: {exc}"
@@ -181,7 +184,7 @@ def detect() -> Features:
     base = tracefs.find_tracefs()
     tps = _list_tracepoints(base)
     kprobes, kp_reason = _detect_kprobes(base)
-    have_btf = os.path.exists(BTF_VMLINUX)
+    have_btf = os.path.exists(btfmod.vmlinux_path())
     fentry, fe_reason = _detect_fentry(have_btf, machine)
     fmt = tracefs.read_format("skb", "kfree_skb", base) if "skb:kfree_skb" in tps else None
     bcc_ok, bcc_reason = _detect_bcc()

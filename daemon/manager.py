@@ -9,8 +9,6 @@ A probe whose attach fails is "failed" and the others keep running.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import tempfile
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from dpwatch.daemon.host import paths
 from dpwatch.probes.base import Probe, State
 from dpwatch.probes.registry import PROBES
 
@@ -57,8 +56,7 @@ def bpf_text(name: str) -> str:
 def malloc_trim() -> None:
     """Give the compiler's freed heap back to the OS (clang leaves ~60 MB behind)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        paths.libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -66,16 +64,16 @@ def malloc_trim() -> None:
 CAP_SYS_ADMIN = 21
 
 
-def perf_paranoid_hint(paranoid_path: str = "/proc/sys/kernel/perf_event_paranoid",
-                       status_path: str = "/proc/self/status") -> str:
+def perf_paranoid_hint(paranoid_path: str | None = None, status_path: str | None = None) -> str:
     """Why a tracepoint or kprobe attach fails with CAP_PERFMON alone on Debian and Ubuntu
     kernels: their patch makes kernel.perf_event_paranoid >= 3 refuse perf_event_open(2) to
     anything without CAP_SYS_ADMIN. Raw tracepoints and socket/tc programs do not use
-    perf_event_open and are not affected. Empty when this is not the cause."""
+    perf_event_open and are not affected. Empty when this is not the cause. The paths default
+    to /proc/sys/kernel/perf_event_paranoid and /proc/self/status under the proc root."""
     try:
-        with open(paranoid_path) as fh:
+        with open(paranoid_path or paths.proc("sys", "kernel", "perf_event_paranoid")) as fh:
             paranoid = int(fh.read().strip())
-        with open(status_path) as fh:
+        with open(status_path or paths.proc("self", "status")) as fh:
             eff = next(int(ln.split()[1], 16) for ln in fh if ln.startswith("CapEff:"))
     except (OSError, ValueError, StopIteration):
         return ""

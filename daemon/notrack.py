@@ -41,6 +41,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from dpwatch.daemon.host import paths
+
 log = logging.getLogger("dpwatch.notrack")
 
 FAMILY = "inet"
@@ -75,9 +77,11 @@ def script(port: int, owner: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def has_cap(bit: int, status_path: str = "/proc/self/status") -> bool:
+def has_cap(bit: int, status_path: str | None = None) -> bool:
+    """Whether capability ``bit`` is in this process's effective set (CapEff of
+    /proc/self/status under the proc root, unless ``status_path`` says otherwise)."""
     try:
-        with open(status_path) as fh:
+        with open(status_path or paths.proc("self", "status")) as fh:
             for line in fh:
                 if line.startswith("CapEff:"):
                     return bool(int(line.split()[1], 16) >> bit & 1)

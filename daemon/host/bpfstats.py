@@ -10,17 +10,16 @@ BPF_OBJ_GET_INFO_BY_FD on each program's fd.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
+
+from dpwatch.daemon.host import paths
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class BpfProgInfo(ctypes.Structure):
@@ -60,7 +59,7 @@ def bpf_syscall(cmd: int, attr: ctypes.Structure, machine: str | None = None) ->
     nr = _SYS_BPF.get(machine)
     if nr is None:
         raise OSError(errno.ENOSYS, f"bpf syscall number unknown for {machine}")
-    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = paths.libc().syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

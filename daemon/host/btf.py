@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import struct
 
+from dpwatch.daemon.host import paths
+
 __all__ = [
     "BTFError",
     "VMLINUX_BTF",
+    "vmlinux_path",
     "DROP_REASON_ENUM",
     "DROP_REASON_PREFIXES",
     "parse_enum",
@@ -42,7 +45,14 @@ __all__ = [
     "drop_reason_names",
 ]
 
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+def vmlinux_path() -> str:
+    """The running kernel's BTF: /sys/kernel/btf/vmlinux under the sys root."""
+    return paths.sys("kernel", "btf", "vmlinux")
+
+
+# btf.VMLINUX_BTF: vmlinux_path() at the time it is read.
+__getattr__ = paths.lazy_paths(__name__, VMLINUX_BTF=vmlinux_path)
 DROP_REASON_ENUM = "skb_drop_reason"
 # "SKB_DROP_REASON_NO_SOCKET" -> "NO_SOCKET", and the two members outside that
 # prefix: "SKB_NOT_DROPPED_YET" -> "NOT_DROPPED_YET", "SKB_CONSUMED" -> "CONSUMED".
@@ -258,10 +268,10 @@ _KIND_BY_NAME = {"INT": KIND_INT, "STRUCT": KIND_STRUCT, "UNION": KIND_UNION, "E
                  "VAR": KIND_VAR, "ENUM64": KIND_ENUM64}
 
 
-def find_type_id(name: str, kind: str, path: str = VMLINUX_BTF) -> int | None:
+def find_type_id(name: str, kind: str, path: str | None = None) -> int | None:
     """The BTF type id of the first type of ``kind`` ("FUNC", "STRUCT", ...) named ``name``."""
     want_kind = _KIND_BY_NAME[kind]
-    with open(path, "rb") as fh:
+    with open(path or vmlinux_path(), "rb") as fh:
         blob = fh.read()
     want = name.encode("utf-8") + b"\0"
     for type_id, k, _info, name_off, _pos, _order, s_start, s_end in _records(blob):
@@ -285,13 +295,14 @@ def parse_enum(blob: bytes, name: str) -> dict[int, str] | None:
     return out
 
 
-def read_enum(name: str, path: str = VMLINUX_BTF) -> dict[int, str] | None:
+def read_enum(name: str, path: str | None = None) -> dict[int, str] | None:
     """Read the raw BTF file at ``path`` once and return ``{value: name}`` of enum ``name``.
 
     None when the enum is not there. OSError (e.g. FileNotFoundError when the kernel
-    has no BTF) propagates; a malformed file raises BTFError.
+    has no BTF) propagates; a malformed file raises BTFError. ``path`` defaults to
+    :func:`vmlinux_path`.
     """
-    with open(path, "rb") as fh:
+    with open(path or vmlinux_path(), "rb") as fh:
         blob = fh.read()
     return parse_enum(blob, name)
 
@@ -313,7 +324,7 @@ def strip_prefix(members: dict[int, str], *prefixes: str) -> dict[int, str]:
     return out
 
 
-def drop_reason_names(path: str = VMLINUX_BTF) -> dict[int, str] | None:
+def drop_reason_names(path: str | None = None) -> dict[int, str] | None:
     """The kernel's drop reasons as the kfree_skb tracepoint names them, read from BTF.
 
     ``{0: "NOT_DROPPED_YET", 1: "CONSUMED", 2: "NOT_SPECIFIED", 3: "NO_SOCKET", ...}``;

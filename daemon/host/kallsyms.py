@@ -12,12 +12,15 @@ import threading
 from collections import OrderedDict
 from typing import Iterable
 
-KALLSYMS = "/proc/kallsyms"
+from dpwatch.daemon.host import paths
+
+# kallsyms.KALLSYMS: /proc/kallsyms under the proc root in force when it is read.
+__getattr__ = paths.lazy_paths(__name__, KALLSYMS=lambda: paths.proc("kallsyms"))
 
 
 class KallsymsResolver:
-    def __init__(self, path: str = KALLSYMS, cache_size: int = 4096):
-        self.path = path
+    def __init__(self, path: str | None = None, cache_size: int = 4096):
+        self.path = path or paths.proc("kallsyms")  # under the proc root at construction
         self.cache_size = cache_size
         self._cache: OrderedDict[int, str] = OrderedDict()
         self._lock = threading.Lock()

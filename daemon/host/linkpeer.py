@@ -25,6 +25,8 @@ import socket
 import struct
 from typing import Iterable
 
+from dpwatch.daemon.host import paths
+
 NETLINK_ROUTE = 0
 NLM_F_REQUEST = 0x1
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -215,12 +217,8 @@ def netns_paths() -> Iterable[str]:
         names = []
     for name in names:
         yield os.path.join("/run/netns", name)
-    try:
-        pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    except OSError:
-        pids = []
-    for pid in pids:
-        yield f"/proc/{pid}/ns/net"
+    for pid in paths.pids():
+        yield paths.proc(str(pid), "ns", "net")
 
 
 def name_nsids(reader: PeerReader, wanted: set[int], own_inode: int | None,

@@ -7,13 +7,18 @@ callers open their handles once in a namespace and read them later from any thre
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from typing import Any, Callable
 
+from dpwatch.daemon.host import paths
+
 CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def own_path() -> str:
+    """The calling thread's netns file: /proc/thread-self/ns/net under the proc root."""
+    return paths.proc("thread-self", "ns", "net")
 
 
 def inode_of(path: str) -> int | None:
@@ -24,14 +29,14 @@ def inode_of(path: str) -> int | None:
 
 
 def own_inode() -> int | None:
-    return inode_of("/proc/thread-self/ns/net")
+    return inode_of(own_path())
 
 
 def _same_netns(fd: int) -> bool:
     """Whether ``fd`` is the calling thread's own netns: then there is nothing to join, and no
     setns(2), which needs CAP_SYS_ADMIN even for one's own namespace."""
     try:
-        a, b = os.fstat(fd), os.stat("/proc/thread-self/ns/net")
+        a, b = os.fstat(fd), os.stat(own_path())
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -42,7 +47,7 @@ def join(path: str) -> None:
     CAP_SYS_ADMIN needed, when it is already there). Only for threads made for it."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
+        if not _same_netns(fd) and paths.libc().setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns into {path}: {os.strerror(err)}")
     finally:
@@ -86,18 +91,14 @@ def enumerate_netns(limit: int) -> tuple[dict[int, str], int]:
             return
         found[ino] = path
 
-    add("/proc/thread-self/ns/net")
+    add(own_path())
     try:
         for name in sorted(os.listdir("/run/netns")):
             add(os.path.join("/run/netns", name))
     except OSError:
         pass
-    try:
-        pids = sorted((int(p) for p in os.listdir("/proc") if p.isdigit()))
-    except OSError:
-        pids = []
-    for pid in pids:
-        add(f"/proc/{pid}/ns/net")
+    for pid in paths.pids():
+        add(paths.proc(str(pid), "ns", "net"))
     return found, skipped
 
 
@@ -121,7 +122,7 @@ class NetnsWorker:
 
     def _run(self, fd: int) -> None:
         try:
-            if not _same_netns(fd) and _libc.setns(fd, CLONE_NEWNET) != 0:
+            if not _same_netns(fd) and paths.libc().setns(fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns: {os.strerror(err)}")
         except BaseException as exc:

@@ -12,7 +12,7 @@ import ctypes
 import ctypes.util
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 _roots = {"proc": None, "sys": None}
 
@@ -38,6 +38,25 @@ def set_roots(proc_root: str | None = None, sys_root: str | None = None) -> None
         _roots["proc"] = proc_root.rstrip("/") or "/"
     if sys_root is not None:
         _roots["sys"] = sys_root.rstrip("/") or "/"
+
+
+def pids() -> list[int]:
+    """The process ids listed under the proc root, in order ([] when it cannot be listed)."""
+    try:
+        return sorted(int(p) for p in os.listdir(_root("proc")) if p.isdigit())
+    except OSError:
+        return []
+
+
+def lazy_paths(module: str, **builders: Callable[[], Any]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for path constants kept for their importers:
+    ``__getattr__ = paths.lazy_paths(__name__, SOFTNET_STAT=lambda: paths.proc("net", "softnet_stat"))``
+    makes ``procnet.SOFTNET_STAT`` the path under the root in force at each access."""
+    def __getattr__(name: str) -> Any:
+        if name in builders:
+            return builders[name]()
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__
 
 
 @contextmanager

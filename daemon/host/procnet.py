@@ -16,10 +16,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-SOFTNET_STAT = "/proc/net/softnet_stat"
-PROC_STAT = "/proc/stat"
-PROC_SOFTIRQS = "/proc/softirqs"
-PROC_NET_ROUTE = "/proc/net/route"
+from dpwatch.daemon.host import paths
+
+# procnet.SOFTNET_STAT, PROC_STAT, PROC_SOFTIRQS, PROC_NET_ROUTE: each file's path under the
+# proc root in force when the name is read (a test may point the root at a fixture tree).
+__getattr__ = paths.lazy_paths(
+    __name__,
+    SOFTNET_STAT=lambda: paths.proc("net", "softnet_stat"),
+    PROC_STAT=lambda: paths.proc("stat"),
+    PROC_SOFTIRQS=lambda: paths.proc("softirqs"),
+    PROC_NET_ROUTE=lambda: paths.proc("net", "route"),
+)
 
 # softnet_stat columns (hex): 0 processed, 1 dropped (backlog full), 2 time_squeeze, ...,
 # 12 the CPU's index (kernels that print it; older ones print one row per online CPU in
@@ -158,9 +165,11 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def ksoftirqd_pids(proc: str = "/proc") -> dict[int, int]:
-    """{cpu: pid} of the ksoftirqd/N kernel threads (for remediation text)."""
+def ksoftirqd_pids(proc: str | None = None) -> dict[int, int]:
+    """{cpu: pid} of the ksoftirqd/N kernel threads (for remediation text); ``proc`` defaults
+    to the proc root."""
     out: dict[int, int] = {}
+    proc = proc or paths.proc()
     try:
         entries = os.listdir(proc)
     except OSError:

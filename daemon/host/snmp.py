@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from dpwatch.daemon.host import paths
+
 
 def parse_snmp(text: str) -> dict[str, dict[str, int]]:
     """'Ip: Forwarding ...' header lines followed by value lines -> {"Ip": {"Forwarding": 1, ...}}."""
@@ -41,9 +43,9 @@ class SnmpFiles:
     """/proc/net/snmp and snmp6 of the calling thread's netns, held open."""
 
     def __init__(self):
-        self._v4 = open("/proc/thread-self/net/snmp", "rb", buffering=0)
+        self._v4 = open(paths.proc("thread-self", "net", "snmp"), "rb", buffering=0)
         try:
-            self._v6 = open("/proc/thread-self/net/snmp6", "rb", buffering=0)
+            self._v6 = open(paths.proc("thread-self", "net", "snmp6"), "rb", buffering=0)
         except OSError:  # IPv6 disabled
             self._v6 = None
 

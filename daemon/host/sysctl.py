@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
+from dpwatch.daemon.host import paths
 
-PROC_SYS = "/proc/sys"
+# sysctl.PROC_SYS: /proc/sys under the proc root in force when it is read.
+__getattr__ = paths.lazy_paths(__name__, PROC_SYS=lambda: paths.proc("sys"))
 
 
 def path_of(key: str) -> str:
-    return os.path.join(PROC_SYS, *key.split("."))
+    """"net.core.somaxconn" -> "/proc/sys/net/core/somaxconn" (under the proc root)."""
+    return paths.proc("sys", *key.split("."))
 
 
 def read(key: str) -> str | None:

@@ -11,26 +11,37 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 
-TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+from dpwatch.daemon.host import paths
 
 
-def find_tracefs(candidates: tuple[str, ...] = TRACEFS_CANDIDATES) -> str | None:
-    """Return the first mounted tracefs directory (it has an ``events`` folder), or None."""
-    for path in candidates:
+def default_candidates() -> tuple[str, ...]:
+    """Where tracefs is looked for, under the sys root: kernel/tracing (4.1+), then the older
+    kernel/debug/tracing inside debugfs."""
+    return paths.sys("kernel", "tracing"), paths.sys("kernel", "debug", "tracing")
+
+
+# tracefs.TRACEFS_CANDIDATES: default_candidates() at the time it is read.
+__getattr__ = paths.lazy_paths(__name__, TRACEFS_CANDIDATES=default_candidates)
+
+
+def find_tracefs(candidates: tuple[str, ...] | None = None) -> str | None:
+    """Return the first mounted tracefs directory (it has an ``events`` folder), or None.
+    ``candidates`` defaults to :func:`default_candidates` (under the sys root)."""
+    for path in default_candidates() if candidates is None else candidates:
         if os.path.isdir(os.path.join(path, "events")):
             return path
     return None
 
 
 def ensure_mounted() -> tuple[str | None, str]:
-    """Mount tracefs at /sys/kernel/tracing when no tracefs is mounted.
+    """Mount tracefs at /sys/kernel/tracing (under the sys root) when no tracefs is mounted.
 
     BCC needs tracefs to attach tracepoints. Returns (path or None, a note for the log).
     """
     found = find_tracefs()
     if found:
         return found, f"tracefs at {found}"
-    target = TRACEFS_CANDIDATES[0]
+    target = default_candidates()[0]
     try:
         subprocess.run(["mount", "-t", "tracefs", "tracefs", target],
                        check=True, capture_output=True, text=True, timeout=10)
