@@ -393,6 +393,18 @@ def test_random_garbage_and_bit_flips_never_raise_anything_but_btf_error():
                 continue
             assert result is None or isinstance(result, dict)
 
+def test_the_kernels_btf_under_the_sys_root():
+    """tests/unit/fixtures/sys/kernel/btf/vmlinux: the first 16 drop reasons of 6.18, MAX and
+    SUBSYS_MASK, and two FUNCs (tcp_v4_rcv, ip_defrag); no udp_rcv (see test_host_features)."""
+    from dpwatch.daemon.host import paths
+    sys_root = os.path.join(os.path.dirname(__file__), "fixtures", "sys")
+    with paths.roots(sys_root=sys_root):
+        assert btf.vmlinux_path() == btf.VMLINUX_BTF == f"{sys_root}/kernel/btf/vmlinux"
+        names = btf.drop_reason_names()
+        assert btf.find_type_id("tcp_v4_rcv", "FUNC") and btf.find_type_id("udp_rcv", "FUNC") is None
+    assert names[0] == "NOT_DROPPED_YET" and names[3] == "NO_SOCKET" and names[12] == "NETFILTER_DROP"
+    assert names[14] == "MAX" and names[-65536] == "SUBSYS_MASK" and len(names) == 16
+
 
 def test_no_import_time_side_effects():
     # The module only defines things; reading happens in read_enum/drop_reason_names.

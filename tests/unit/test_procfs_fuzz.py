@@ -11,13 +11,16 @@ decoded again before the MTU audit reads them.
 
 from __future__ import annotations
 
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpwatch.daemon.host import btf
+from dpwatch.daemon.host import paths
 from dpwatch.daemon.host import snmp
 from dpwatch.daemon.host import tracefs
 from dpwatch.daemon.collector import DpwatchCollector
@@ -210,7 +213,7 @@ def decode(cls, raw: bytes):
 def test_netlink_fixtures_are_read_exactly():
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    from dpwatch.probes.mtu import audit as mtuaudit
+    from dpwatch.probes.mtu import netlink as mtuaudit
     link = mtuaudit._link_record(decode(ifinfmsg, _link_bytes()))
     assert (link["name"], link["kind"], link["mtu"], link["lower"]) == ("vxlan42", "vxlan", 1450, 2)
     route = mtuaudit._route_record(decode(rtmsg, _route_bytes()))
@@ -221,7 +224,7 @@ def test_netlink_fixtures_are_read_exactly():
 @given(byte_mutations(_link_bytes()))
 def test_mtu_audit_link_records_from_mutated_netlink(raw):
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-    from dpwatch.probes.mtu import audit as mtuaudit
+    from dpwatch.probes.mtu import netlink as mtuaudit
     FUZZED["inputs"] += 1
     try:  # pyroute2 decodes what the kernel sent; the audit reads the result
         rec = mtuaudit._link_record(decode(ifinfmsg, raw))
@@ -236,7 +239,7 @@ def test_mtu_audit_link_records_from_mutated_netlink(raw):
 @given(byte_mutations(_route_bytes()))
 def test_mtu_audit_route_records_from_mutated_netlink(raw):
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    from dpwatch.probes.mtu import audit as mtuaudit
+    from dpwatch.probes.mtu import netlink as mtuaudit
     FUZZED["inputs"] += 1
     try:
         rec = mtuaudit._route_record(decode(rtmsg, raw))
@@ -249,17 +252,6 @@ def test_mtu_audit_route_records_from_mutated_netlink(raw):
 
 
 # ---- a probe with malformed input loses that reading only ----------------------------------------
-
-class _FixtureSnmp:
-    """Stands in for SnmpFiles (which holds /proc/thread-self/net/snmp open): reads fixture text."""
-    text = {"v4": SNMP, "v6": SNMP6}
-
-    def read(self):
-        return snmp.parse_snmp(self.text["v4"]), snmp.parse_snmp6(self.text["v6"])
-
-    def close(self):
-        pass
-
 
 class _SteadyProbe(Probe):
     """A user-space probe that always reads fine: the one that must keep going."""
@@ -274,8 +266,18 @@ class _SteadyProbe(Probe):
         return {"counters": {"ticks": {("t",): self.n}}, "gauges": {}}
 
 
-def test_malformed_proc_degrades_one_probe_and_it_recovers(monkeypatch):
-    monkeypatch.setattr(frag, "SnmpFiles", _FixtureSnmp)
+def test_malformed_proc_degrades_one_probe_and_it_recovers(tmp_path):
+    # A copy of the fixture /proc: SnmpFiles holds <root>/thread-self/net/snmp open and rereads
+    # it, so rewriting the file in place feeds the probe bad text, then good text again.
+    root = tmp_path / "proc"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "proc", root, symlinks=True)
+    snmp_file = root / "4242" / "net" / "snmp"
+    good_text = snmp_file.read_text()
+    with paths.roots(proc_root=str(root)):
+        _degrade_and_recover(snmp_file, good_text)
+
+
+def _degrade_and_recover(snmp_file: Path, good_text: str) -> None:
     cfg = Config()
     cfg.probes = ["frag", "steady"]
     features = types.SimpleNamespace(bcc=False, tracefs=None, kernel_release="test")
@@ -287,7 +289,7 @@ def test_malformed_proc_degrades_one_probe_and_it_recovers(monkeypatch):
         good = mgr.collect()
         assert good["frag"]["counters"]["snmp"][("frag_creates", "ipv4")] == 10
         for bad in ("Ip: Forwarding DefaultTTL\nIp: 1\n", "Ip: a b\nIp: x y\n", "\x00\xff garbage"):
-            _FixtureSnmp.text["v4"] = bad
+            snmp_file.write_text(bad)
             r = mgr.collect()
             assert "frag" not in r and r["steady"]["counters"]["ticks"]
         assert mgr.collect_errors["frag"] == 3
@@ -297,11 +299,10 @@ def test_malformed_proc_degrades_one_probe_and_it_recovers(monkeypatch):
         fams = {f.name: f for f in DpwatchCollector(mgr, features).collect()}
         assert [s.value for s in fams["dpwatch_collect_errors"].samples if s.labels["probe"] == "frag"] == [5]
         assert "dpwatch_ip_fragments_created" not in fams  # no frag reading, no invented values
-        _FixtureSnmp.text["v4"] = SNMP  # good again: the probe's readings come back
+        snmp_file.write_text(good_text)  # good again: the probe's readings come back
         assert mgr.collect()["frag"]["counters"]["snmp"][("frag_creates", "ipv4")] == 10
         assert mgr.status["frag"].state == State.ATTACHED
     finally:
-        _FixtureSnmp.text["v4"] = SNMP
         mgr.close()
 
 

@@ -7,7 +7,12 @@ common fields and the event's own, and one long "print fmt:" line).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from dpwatch.daemon.host import paths, tracefs
 from dpwatch.daemon.host.tracefs import EventField, find_tracefs, parse_format, parse_print_symbolic, read_format
+
+SYS = str(Path(__file__).parent / "fixtures" / "sys")  # a 6.18 kernel's tracefs, a few events
 
 # A made-up event: scalar fields, a pointer, a fixed array, a __data_loc string, a signed
 # enum; its print fmt has several helper calls, so the parser has to pick the right one.
@@ -141,3 +146,37 @@ def test_read_format_from_a_tracefs_tree(tmp_path):
     assert (fmt.system, fmt.event) == ("sample", "sample_drop")
     assert fmt.symbolic("reason")[6] == "SOCKET_RCVBUFF"
     assert read_format("sample", "missing_event", str(tmp_path)) is None
+
+
+def test_tracefs_is_found_under_the_sys_root(tmp_path):
+    with paths.roots(sys_root=SYS):
+        assert tracefs.default_candidates() == (f"{SYS}/kernel/tracing", f"{SYS}/kernel/debug/tracing")
+        assert find_tracefs() == f"{SYS}/kernel/tracing"
+        assert tracefs.ensure_mounted() == (f"{SYS}/kernel/tracing", f"tracefs at {SYS}/kernel/tracing")
+    debugfs = tmp_path / "kernel" / "debug" / "tracing" / "events"
+    debugfs.mkdir(parents=True)
+    with paths.roots(sys_root=str(tmp_path)):  # an older kernel: tracefs inside debugfs only
+        assert find_tracefs() == str(debugfs.parent)
+    with paths.roots(sys_root=str(tmp_path / "empty")):
+        assert find_tracefs() is None and not tracefs.event_exists("skb", "kfree_skb")
+
+
+def test_kfree_skb_format_of_the_fixture_kernel():
+    with paths.roots(sys_root=SYS):
+        fmt = read_format("skb", "kfree_skb")
+        assert tracefs.event_exists("skb", "kfree_skb") and tracefs.event_exists("irq", "softirq_entry")
+        assert not tracefs.event_exists("skb", "no_such_event")
+        assert read_format("skb", "no_such_event") is None
+    assert fmt is not None and (fmt.system, fmt.event) == ("skb", "kfree_skb")
+    assert fmt.fields["reason"] == EventField("enum skb_drop_reason", "reason", 36, 4, False)
+    assert fmt.fields["rx_sk"].offset == 24 and fmt.fields["protocol"].size == 2  # 6.18's layout
+    names = fmt.symbolic("reason")
+    assert names[2] == "NOT_SPECIFIED" and names[12] == "NETFILTER_DROP" and names[96] == "FRAG_TOO_FAR"
+    assert max(names) == 129 and names[129] == "MAX" and 0 not in names
+
+
+def test_softirq_entry_format_of_the_fixture_kernel():
+    with paths.roots(sys_root=SYS):
+        fmt = read_format("irq", "softirq_entry")
+    assert fmt.fields["vec"].size == 4
+    assert fmt.symbolic("vec")[3] == "NET_RX" and fmt.symbolic("vec")[0] == "HI"
