@@ -14,7 +14,7 @@ from dpwatch import __version__
 from dpwatch.daemon import apimodels as M
 from dpwatch.daemon.collector import make_registry
 from dpwatch.daemon.config import ConfigError, parse_duration
-from dpwatch.daemon.render_html import render_html
+from dpwatch.daemon.triage.html import render_html
 from dpwatch.daemon.triage import build_report, render_text
 
 MIN_WINDOW_SECONDS = 1.0
@@ -70,28 +70,8 @@ def create_app(daemon, web=None, status=None) -> FastAPI:
                   description="Per-node eBPF datapath observer: metrics, probe status and a triage report.")
     registry = make_registry(daemon.manager, daemon.features)
     _secure(app, daemon.config, web)
-
-    @app.exception_handler(BadRequest)
-    async def _bad_request(_: Request, exc: BadRequest):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        msgs = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return JSONResponse({"error": msgs or "invalid request"}, status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-
-    @app.get("/", response_class=PlainTextResponse, responses=M.GUARDED)
-    def index() -> str:
-        return ("dpwatch " + __version__ + "\n"
-                "  /metrics    Prometheus metrics\n"
-                "  /diagnose   triage report (?window=60s, ?format=json|text)\n"
-                "  /probes     probe states, modes and reasons (JSON)\n"
-                "  /healthz    process is alive\n"
-                "  /readyz     probes are loaded\n")
+    _error_handlers(app)
+    _liveness_routes(app, daemon)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": M.PROM_TEXT}, **M.GUARDED})
     def metrics() -> Response:
@@ -119,6 +99,35 @@ def create_app(daemon, web=None, status=None) -> FastAPI:
             return HTMLResponse(render_html(report))
         return PlainTextResponse(render_text(report))
 
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error is JSON {"error": message}: a bad parameter a 400 that says what is wrong."""
+    @app.exception_handler(BadRequest)
+    async def _bad_request(_: Request, exc: BadRequest):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        msgs = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": msgs or "invalid request"}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+def _liveness_routes(app: FastAPI, daemon) -> None:
+    @app.get("/", response_class=PlainTextResponse, responses=M.GUARDED)
+    def index() -> str:
+        return ("dpwatch " + __version__ + "\n"
+                "  /metrics    Prometheus metrics\n"
+                "  /diagnose   triage report (?window=60s, ?format=json|text)\n"
+                "  /probes     probe states, modes and reasons (JSON)\n"
+                "  /healthz    process is alive\n"
+                "  /readyz     probes are loaded\n")
+
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         return "ok\n"
@@ -130,8 +139,6 @@ def create_app(daemon, web=None, status=None) -> FastAPI:
         if daemon.ready:
             return PlainTextResponse("ready\n")
         return PlainTextResponse("not ready: no probe is attached\n", status_code=503)
-
-    return app
 
 
 def _secure(app: FastAPI, config, web) -> None:

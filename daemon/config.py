@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from dpwatch.probes import params as params_mod
 from dpwatch.probes.registry import PROBES, probe_names
@@ -32,9 +32,9 @@ def parse_ports(value: str | list, flag: str) -> list[int]:
     return params_mod.parse_ports(value, flag, ConfigError)
 
 
-def probe_params() -> list[tuple[type, params_mod.Param]]:
+def probe_params(probes=PROBES) -> list[tuple[type, params_mod.Param]]:
     """(probe class, param) for every declared probe param, in registry order."""
-    return [(probe, p) for probe in PROBES for p in probe.params]
+    return [(probe, p) for probe in probes for p in probe.params]
 
 
 DEFAULT_UNIX_SOCKET = "/run/dpwatch/dpwatch.sock"
@@ -104,6 +104,8 @@ class DaemonConfig:
     notrack: bool = True          # nftables table inet dpwatch: the listen port kept out of conntrack
     unix_socket: str = DEFAULT_UNIX_SOCKET  # the API on a unix socket too ('' = off); diagnose asks it
 
+    probe_classes: ClassVar[tuple] = ()  # the probes whose params the generated subclass holds
+
     def validate(self) -> "Config":
         parse_listen(self.listen)
         self.probes = parse_probe_list(self.probes, "--probes")
@@ -139,9 +141,9 @@ class DaemonConfig:
 
     def _validate_probe_params(self) -> None:
         """Each probe's params from their declarations, then each probe's cross checks."""
-        for probe, param in probe_params():
+        for probe, param in probe_params(self.probe_classes):
             setattr(self, param.attr, param.check(getattr(self, param.attr), ConfigError))
-        for probe in PROBES:
+        for probe in self.probe_classes:
             for check in probe.param_checks:
                 check(self, ConfigError)
 
@@ -159,8 +161,14 @@ def _probe_field(param: params_mod.Param):
     return field(default=param.default)
 
 
-# Config: the daemon's fields plus one per declared probe param (generated, not hand-kept).
-Config = make_dataclass(
-    "Config", [(p.attr, Any, _probe_field(p)) for _probe, p in probe_params()],
-    bases=(DaemonConfig,), namespace={"__module__": __name__, "__doc__": (
-        "Every setting: DaemonConfig's fields and each probe's params (probes/<name>/params.py).")})
+def config_class(probes=PROBES, name: str = "Config") -> type:
+    """DaemonConfig plus one field per declared param of ``probes`` (generated, not hand-kept)."""
+    return make_dataclass(
+        name, [(p.attr, Any, _probe_field(p)) for _probe, p in probe_params(probes)],
+        bases=(DaemonConfig,), namespace={
+            "__module__": __name__, "probe_classes": tuple(probes),
+            "__doc__": "Every setting: DaemonConfig's fields and each probe's params "
+                       "(probes/<name>/params.py)."})
+
+
+Config = config_class()

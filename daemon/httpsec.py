@@ -181,78 +181,88 @@ def load_web_config(path: str) -> WebConfig:
         data = {}
     _check_keys(path, data, "the top level", "", _TOP_KEYS)
     cfg = WebConfig(path=path)
-
-    tls = data.get("tls_server_config")
-    if tls is not None:
-        _check_keys(path, tls, "tls_server_config", "tls_server_config: ", _TLS_KEYS)
-        for key in ("cert_file", "key_file"):
-            if not tls.get(key):
-                raise _fail(path, f"tls_server_config.{key} is required")
-        auth = tls.get("client_auth_type") or "NoClientCert"
-        if auth in _CLIENT_AUTH_UNSUPPORTED:
-            raise _fail(path, f"tls_server_config.client_auth_type {auth} (a client certificate "
-                              "without verification) is not supported; use VerifyClientCertIfGiven "
-                              "or RequireAndVerifyClientCert")
-        if auth not in _CLIENT_AUTH:
-            raise _fail(path, f"tls_server_config.client_auth_type {auth!r} is not one of "
-                              f"{', '.join(_CLIENT_AUTH)}")
-        ca = tls.get("client_ca_file")
-        if auth != "NoClientCert" and not ca:
-            raise _fail(path, f"tls_server_config.client_ca_file is required with client_auth_type {auth}")
-        versions = {}
-        for key in ("min_version", "max_version"):
-            v = tls.get(key)
-            if v is not None and v not in _TLS_VERSIONS:
-                raise _fail(path, f"tls_server_config.{key} {v!r} is not one of {', '.join(_TLS_VERSIONS)}")
-            versions[key] = v
-        t = TLSConfig(cert_file=_readable(path, "tls_server_config.cert_file", tls["cert_file"]),
-                      key_file=_readable(path, "tls_server_config.key_file", tls["key_file"]),
-                      client_auth_type=auth,
-                      client_ca_file=_readable(path, "tls_server_config.client_ca_file", ca) if ca else None,
-                      min_version=versions["min_version"] or "TLS12", max_version=versions["max_version"])
-        if t.max_version and _TLS_VERSIONS[t.max_version] < _TLS_VERSIONS[t.min_version]:
-            raise _fail(path, "tls_server_config.max_version is below min_version")
-        try:
-            t.context()  # the certificate, the key, that they match, and the CA file
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise _fail(path, f"tls_server_config: the certificate/key/CA cannot be loaded: {exc}") from None
-        cfg.tls = t
-
-    http = data.get("http_server_config")
-    if http is not None:
-        if not isinstance(http, dict):
-            raise _fail(path, "http_server_config must be a mapping")
-        for key, value in http.items():
-            if key == "http2":
-                if value not in (False, None):
-                    raise _fail(path, "http_server_config.http2: dpwatch serves HTTP/1.1 only; set it to false")
-            elif key == "headers":
-                if not isinstance(value, dict):
-                    raise _fail(path, "http_server_config.headers must be a mapping")
-                for name, hv in value.items():
-                    canon = next((h for h in _ALLOWED_HEADERS if h.lower() == str(name).lower()), None)
-                    if canon is None:
-                        raise _fail(path, f"http_server_config.headers: {name} cannot be set; "
-                                          f"allowed: {', '.join(_ALLOWED_HEADERS)}")
-                    if not isinstance(hv, str) or any(c in hv for c in "\r\n\0"):
-                        raise _fail(path, f"http_server_config.headers.{name} must be a one-line string")
-                    cfg.headers[canon] = hv
-            else:
-                raise _fail(path, f"http_server_config: unsupported key {key}; supported: http2, headers")
-
-    users = data.get("basic_auth_users")
-    if users is not None:
-        if not isinstance(users, dict):
-            raise _fail(path, "basic_auth_users must be a mapping of user name to bcrypt hash")
-        for user, hashed in users.items():
-            user = str(user)
-            if not user or ":" in user:
-                raise _fail(path, f"basic_auth_users: user name {user!r} is empty or has a ':'")
-            if not isinstance(hashed, str) or not _BCRYPT_RE.match(hashed):
-                raise _fail(path, f"basic_auth_users.{user}: not a bcrypt hash (want $2a$/$2b$/$2y$, "
-                                  "cost, 53 characters; make one with `htpasswd -nBC 10 \"\" | tr -d ':'`)")
-            cfg.users[user] = hashed.encode()
+    if data.get("tls_server_config") is not None:
+        cfg.tls = _tls_config(path, data["tls_server_config"])
+    if data.get("http_server_config") is not None:
+        cfg.headers.update(_http_headers(path, data["http_server_config"]))
+    if data.get("basic_auth_users") is not None:
+        cfg.users.update(_basic_auth_users(path, data["basic_auth_users"]))
     return cfg
+
+
+def _tls_config(path: str, tls) -> "TLSConfig":
+    _check_keys(path, tls, "tls_server_config", "tls_server_config: ", _TLS_KEYS)
+    for key in ("cert_file", "key_file"):
+        if not tls.get(key):
+            raise _fail(path, f"tls_server_config.{key} is required")
+    auth = tls.get("client_auth_type") or "NoClientCert"
+    if auth in _CLIENT_AUTH_UNSUPPORTED:
+        raise _fail(path, f"tls_server_config.client_auth_type {auth} (a client certificate "
+                          "without verification) is not supported; use VerifyClientCertIfGiven "
+                          "or RequireAndVerifyClientCert")
+    if auth not in _CLIENT_AUTH:
+        raise _fail(path, f"tls_server_config.client_auth_type {auth!r} is not one of "
+                          f"{', '.join(_CLIENT_AUTH)}")
+    ca = tls.get("client_ca_file")
+    if auth != "NoClientCert" and not ca:
+        raise _fail(path, f"tls_server_config.client_ca_file is required with client_auth_type {auth}")
+    versions = {}
+    for key in ("min_version", "max_version"):
+        v = tls.get(key)
+        if v is not None and v not in _TLS_VERSIONS:
+            raise _fail(path, f"tls_server_config.{key} {v!r} is not one of {', '.join(_TLS_VERSIONS)}")
+        versions[key] = v
+    t = TLSConfig(cert_file=_readable(path, "tls_server_config.cert_file", tls["cert_file"]),
+                  key_file=_readable(path, "tls_server_config.key_file", tls["key_file"]),
+                  client_auth_type=auth,
+                  client_ca_file=_readable(path, "tls_server_config.client_ca_file", ca) if ca else None,
+                  min_version=versions["min_version"] or "TLS12", max_version=versions["max_version"])
+    if t.max_version and _TLS_VERSIONS[t.max_version] < _TLS_VERSIONS[t.min_version]:
+        raise _fail(path, "tls_server_config.max_version is below min_version")
+    try:
+        t.context()  # the certificate, the key, that they match, and the CA file
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise _fail(path, f"tls_server_config: the certificate/key/CA cannot be loaded: {exc}") from None
+    return t
+
+
+def _http_headers(path: str, http) -> dict[str, str]:
+    if not isinstance(http, dict):
+        raise _fail(path, "http_server_config must be a mapping")
+    headers: dict[str, str] = {}
+    for key, value in http.items():
+        if key == "http2":
+            if value not in (False, None):
+                raise _fail(path, "http_server_config.http2: dpwatch serves HTTP/1.1 only; set it to false")
+        elif key == "headers":
+            if not isinstance(value, dict):
+                raise _fail(path, "http_server_config.headers must be a mapping")
+            for name, hv in value.items():
+                canon = next((h for h in _ALLOWED_HEADERS if h.lower() == str(name).lower()), None)
+                if canon is None:
+                    raise _fail(path, f"http_server_config.headers: {name} cannot be set; "
+                                      f"allowed: {', '.join(_ALLOWED_HEADERS)}")
+                if not isinstance(hv, str) or any(c in hv for c in "\r\n\0"):
+                    raise _fail(path, f"http_server_config.headers.{name} must be a one-line string")
+                headers[canon] = hv
+        else:
+            raise _fail(path, f"http_server_config: unsupported key {key}; supported: http2, headers")
+    return headers
+
+
+def _basic_auth_users(path: str, users) -> dict[str, bytes]:
+    if not isinstance(users, dict):
+        raise _fail(path, "basic_auth_users must be a mapping of user name to bcrypt hash")
+    out: dict[str, bytes] = {}
+    for user, hashed in users.items():
+        user = str(user)
+        if not user or ":" in user:
+            raise _fail(path, f"basic_auth_users: user name {user!r} is empty or has a ':'")
+        if not isinstance(hashed, str) or not _BCRYPT_RE.match(hashed):
+            raise _fail(path, f"basic_auth_users.{user}: not a bcrypt hash (want $2a$/$2b$/$2y$, "
+                              "cost, 53 characters; make one with `htpasswd -nBC 10 \"\" | tr -d ':'`)")
+        out[user] = hashed.encode()
+    return out
 
 
 def read_token(value: str, file: str) -> str:

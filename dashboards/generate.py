@@ -17,178 +17,14 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
-from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCHEMA_VERSION = 39
-DS = {"type": "prometheus", "uid": "${datasource}"}
-NODE = 'job=~"$job", instance=~"$instance"'  # the node dashboard's selector
-CLUSTER = 'job=~"$job"'
-NET_VECTORS = 'vector=~"(?i)net_rx|net_tx"'
-RCODE_ERRORS = 'rcode=~"(?i)servfail|refused"'
-
-GREEN, ORANGE, RED, BLUE = "green", "orange", "red", "blue"
+sys.path.insert(0, str(HERE))  # board.py beside this file, also when imported by the tests
+from board import (BLUE, CLUSTER, GREEN, NET_VECTORS, NODE, ORANGE, RCODE_ERRORS, RED,  # noqa: E402
+                   UP_DOWN, Board, dashboard, levels, link, rate, target)
 
 
-def levels(*steps: tuple[str, float], base: str = GREEN) -> dict:
-    """Absolute thresholds: the base colour, then (colour, from value) steps."""
-    return {"mode": "absolute",
-            "steps": [{"color": base, "value": None}] + [{"color": c, "value": v} for c, v in steps]}
-
-
-def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, fmt: str = "time_series") -> dict:
-    return {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend,
-            "range": not instant, "instant": instant, "format": fmt}
-
-
-class Board:
-    """Lays panels out on Grafana's 24-column grid, row by row."""
-
-    def __init__(self) -> None:
-        self.panels: list[dict] = []
-        self.next_id = 1
-        self.x = self.y = self.row_h = 0
-
-    def _id(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-    def row(self, title: str) -> None:
-        self._newline()
-        self.panels.append({"type": "row", "title": title, "id": self._id(), "collapsed": False,
-                            "panels": [], "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}})
-        self.y += 1
-
-    def _newline(self) -> None:
-        self.y += self.row_h
-        self.x = self.row_h = 0
-
-    def _place(self, w: int, h: int) -> dict:
-        if self.x + w > 24:
-            self._newline()
-        pos = {"h": h, "w": w, "x": self.x, "y": self.y}
-        self.x += w
-        self.row_h = max(self.row_h, h)
-        return pos
-
-    def add(self, kind: str, title: str, description: str, unit: str, thresholds: dict,
-            targets: list[dict], options: dict, custom: dict | None = None, w: int = 8, h: int = 8,
-            extra_defaults: dict | None = None, transformations: list | None = None) -> None:
-        defaults: dict[str, Any] = {"unit": unit, "thresholds": thresholds,
-                                    "color": {"mode": "thresholds" if kind in ("stat", "table") else "palette-classic"}}
-        if custom is not None:
-            defaults["custom"] = custom
-        defaults.update(extra_defaults or {})
-        refs = "ABCDEFGH"
-        panel = {"type": kind, "title": title, "description": description, "id": self._id(),
-                 "datasource": DS, "gridPos": self._place(w, h),
-                 "targets": [dict(t, refId=refs[i]) for i, t in enumerate(targets)],
-                 "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options}
-        if transformations:
-            panel["transformations"] = transformations
-        self.panels.append(panel)
-
-    # -- panel kinds ------------------------------------------------------------------------
-    def timeseries(self, title: str, description: str, unit: str, thresholds: dict, *targets: dict,
-                   stack: bool = False, w: int = 8, h: int = 8) -> None:
-        custom = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 25 if stack else 10,
-                  "showPoints": "never", "spanNulls": False,
-                  "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-                  "thresholdsStyle": {"mode": "line" if len(thresholds["steps"]) > 1 else "off"},
-                  "axisPlacement": "auto", "axisSoftMin": 0}
-        options = {"legend": {"showLegend": True, "displayMode": "table", "placement": "right",
-                              "calcs": ["mean", "max", "lastNotNull"]},
-                   "tooltip": {"mode": "multi", "sort": "desc"}}
-        self.add("timeseries", title, description, unit, thresholds, list(targets), options, custom, w, h)
-
-    def stat(self, title: str, description: str, unit: str, thresholds: dict, *targets: dict,
-             w: int = 4, h: int = 5, mappings: list | None = None, calc: str = "lastNotNull") -> None:
-        options = {"reduceOptions": {"calcs": [calc], "fields": "", "values": False},
-                   "orientation": "auto", "colorMode": "background", "graphMode": "area",
-                   "justifyMode": "auto", "textMode": "auto", "wideLayout": True,
-                   "showPercentChange": False, "percentChangeColorMode": "standard"}
-        extra = {"mappings": mappings} if mappings else None
-        self.add("stat", title, description, unit, thresholds, list(targets), options, None, w, h, extra)
-
-    def heatmap(self, title: str, description: str, unit: str, thresholds: dict, *targets: dict,
-                w: int = 12, h: int = 9, scheme: str = "Oranges") -> None:
-        options = {"calculate": False, "cellGap": 1,
-                   "color": {"mode": "scheme", "scheme": scheme, "scale": "exponential", "exponent": 0.5,
-                             "fill": "dark-orange", "reverse": False, "steps": 64},
-                   "exemplars": {"color": "rgba(255,0,255,0.7)"},
-                   "legend": {"show": True},
-                   "rowsFrame": {"layout": "auto"},
-                   "showValue": "never",
-                   "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": True},
-                   "yAxis": {"axisPlacement": "left", "reverse": False, "unit": unit},
-                   "cellValues": {"unit": unit}}
-        custom = {"hideFrom": {"legend": False, "tooltip": False, "viz": False},
-                  "scaleDistribution": {"type": "linear"}}
-        self.add("heatmap", title, description, unit, thresholds, list(targets), options, custom, w, h)
-
-    def table(self, title: str, description: str, unit: str, thresholds: dict, *targets: dict,
-              w: int = 12, h: int = 8, transformations: list | None = None) -> None:
-        options = {"showHeader": True, "frameIndex": 0, "cellHeight": "sm",
-                   "sortBy": [{"displayName": "Value", "desc": True}]}
-        custom = {"align": "auto", "cellOptions": {"type": "color-text"}, "filterable": False,
-                  "inspect": False}
-        self.add("table", title, description, unit, thresholds, list(targets), options, custom, w, h,
-                 transformations=transformations)
-
-
-UP_DOWN = [{"type": "value", "options": {"0": {"text": "down", "color": RED, "index": 0},
-                                         "1": {"text": "up", "color": GREEN, "index": 1}}}]
-
-
-def variables(instance_multi: bool) -> list[dict]:
-    ds = {"type": "datasource", "name": "datasource", "label": "Data source", "query": "prometheus",
-          "refresh": 1, "regex": "", "hide": 0, "options": []}
-    job = {"type": "query", "name": "job", "label": "Job", "datasource": DS,
-           "query": {"query": "label_values(dpwatch_build_info, job)", "refId": "job"},
-           "refresh": 2, "sort": 1,
-           "multi": False, "includeAll": False, "hide": 0, "options": [],
-           "description": "The Prometheus job that scrapes dpwatch (deploy/servicemonitor.yaml sets it to dpwatch)."}
-    q = 'label_values(dpwatch_build_info{job=~"$job"}, instance)'
-    inst = {"type": "query", "name": "instance", "label": "Node", "datasource": DS,
-            "query": {"query": q, "refId": "instance"}, "refresh": 2, "sort": 1,
-            "multi": instance_multi, "includeAll": instance_multi, "hide": 0, "options": [],
-            "description": "The node (the instance label: the node name with deploy/servicemonitor.yaml "
-                           "or deploy/podmonitor.yaml, host:port otherwise)."}
-    if instance_multi:
-        inst["allValue"] = ".*"
-    return [ds, job, inst]
-
-
-def dashboard(uid: str, title: str, description: str, board: Board, instance_multi: bool,
-              links: list[dict]) -> dict:
-    return {
-        "uid": uid, "title": title, "description": description, "tags": ["dpwatch", "network", "ebpf"],
-        "editable": True, "graphTooltip": 1, "schemaVersion": SCHEMA_VERSION, "version": 1,
-        "time": {"from": "now-1h", "to": "now"}, "refresh": "30s", "timezone": "browser",
-        "fiscalYearStartMonth": 0, "liveNow": False, "weekStart": "",
-        "timepicker": {"refresh_intervals": ["10s", "30s", "1m", "5m", "15m"]},
-        "templating": {"list": variables(instance_multi)},
-        "annotations": {"list": [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                                  "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
-                                  "name": "Annotations & Alerts", "type": "dashboard"}]},
-        "links": links,
-        "panels": board.panels,
-    }
-
-
-def link(title: str, uid_tag: str) -> dict:
-    return {"title": title, "type": "dashboards", "tags": [uid_tag], "asDropdown": False, "icon": "dashboard",
-            "includeVars": True, "keepTime": True, "targetBlank": False, "tooltip": "", "url": ""}
-
-
-def rate(metric: str, sel: str = NODE, extra: str = "") -> str:
-    inner = f"{sel}, {extra}" if extra else sel
-    return f"rate({metric}{{{inner}}}[$__rate_interval])"
-
-
-# ------------------------------------------------------------------------------------------
-def node_dashboard() -> dict:
-    b = Board()
+def _node_health_row(b: Board) -> None:
     b.row("Probe health")
     b.stat("Probes attached", "dpwatch_probe_up per probe: 1 when attached (a degraded fallback mode counts), "
            "0 when disabled, unsupported by this kernel (mode none) or failed. GET /probes on the node says why.",
@@ -216,6 +52,8 @@ def node_dashboard() -> dict:
                  "percentunit", levels((ORANGE, 0.25), (RED, 0.45)),
                  target(f"{rate('process_cpu_seconds_total')}", "cpu"), w=12)
 
+
+def _node_drops_row(b: Board) -> None:
     b.row("Drops by reason")
     b.timeseries("Drops by reason", "Packets the kernel dropped per second, by its own drop reason "
                  "(skb:kfree_skb; names read from the running kernel). Orange and red are the daemon's "
@@ -232,6 +70,8 @@ def node_dashboard() -> dict:
             target(f"topk(10, sum by (reason) (increase(dpwatch_skb_drops_total{{{NODE}}}[$__range])))",
                    "{{reason}}", instant=True, fmt="table"), w=24, h=7)
 
+
+def _node_conntrack_row(b: Board) -> None:
     b.row("Conntrack")
     b.stat("Table fill", "dpwatch_conntrack_entries / dpwatch_conntrack_max_entries (per netns with "
            "--conntrack-all-netns). Orange at 80% (conntrack.table_pressure, the DpwatchConntrackTableNearlyFull "
@@ -253,6 +93,8 @@ def node_dashboard() -> dict:
                  target(f"sum({rate('dpwatch_conntrack_insert_failed_total')})", "insert failed"),
                  target(f"sum({rate('dpwatch_conntrack_invalid_total')})", "invalid"), w=10)
 
+
+def _node_mtu_row(b: Board) -> None:
     b.row("Fragmentation and MTU")
     b.stat("Links with an MTU mismatch", "dpwatch_mtu_mismatches: links the MTU audit flags (veth ends that "
            "differ, tunnels bigger than their underlay, bridge ports that differ). Any is red: mtu.mismatch, "
@@ -287,6 +129,8 @@ def node_dashboard() -> dict:
             target(f"max by (interface, kind) (dpwatch_interface_mtu_bytes{{{NODE}}})", "{{interface}}",
                    instant=True, fmt="table"), w=12)
 
+
+def _node_softirq_row(b: Board) -> None:
     b.row("Softirq and softnet")
     b.heatmap("NET_RX + NET_TX softirq time per CPU", "Share of each CPU spent in the network softirqs "
               "(dpwatch_softirq_seconds_total, vectors NET_RX and NET_TX). One hot row is one CPU doing all the "
@@ -327,6 +171,8 @@ def node_dashboard() -> dict:
                  "ops", levels((ORANGE, 100)),
                  target(f"sum by (device) ({rate('dpwatch_napi_budget_exhausted_total')})", "{{device}}"), w=12)
 
+
+def _node_dns_row(b: Board) -> None:
     b.row("DNS")
     b.timeseries("Queries by type", "DNS queries per second seen on the node, by query type "
                  "(dpwatch_dns_queries_total). Orange from 1,000/s: a busy node where NodeLocal DNSCache pays off.",
@@ -358,6 +204,16 @@ def node_dashboard() -> dict:
                  *[target(f"histogram_quantile({q}, sum by (le) "
                           f"({rate('dpwatch_dns_request_duration_seconds_bucket')}))", f"p{int(q * 100)}")
                    for q in (0.5, 0.9, 0.99)], w=12, h=9)
+
+
+def node_dashboard() -> dict:
+    b = Board()
+    _node_health_row(b)
+    _node_drops_row(b)
+    _node_conntrack_row(b)
+    _node_mtu_row(b)
+    _node_softirq_row(b)
+    _node_dns_row(b)
     return dashboard("dpwatch-node", "dpwatch / Node datapath",
                      "One node's datapath as dpwatch sees it: probe health, drops by reason, conntrack, "
                      "fragmentation and MTU, softirq and softnet, DNS. For the why and the fix: "
@@ -365,8 +221,7 @@ def node_dashboard() -> dict:
                      links=[link("dpwatch dashboards", "dpwatch")])
 
 
-def cluster_dashboard() -> dict:
-    b = Board()
+def _cluster_fleet_row(b: Board) -> None:
     b.row("Fleet")
     b.stat("Nodes scraped", "dpwatch targets Prometheus scraped successfully (up == 1).",
            "none", levels((GREEN, 1), base=RED), target(f"count(up{{{CLUSTER}}} == 1) or vector(0)"), w=4)
@@ -385,6 +240,8 @@ def cluster_dashboard() -> dict:
            "pps", levels((ORANGE, 50), (RED, 1000)),
            target(f"sum({rate('dpwatch_skb_drops_total', CLUSTER)})"), w=4)
 
+
+def _cluster_datapath_row(b: Board) -> None:
     b.row("Datapath by node")
     b.timeseries("Drops per node (top 10)", "The ten nodes dropping the most packets per second, all reasons. "
                  "Orange: 50/s for 10 minutes is the DpwatchPacketDropsHigh alert.",
@@ -414,6 +271,8 @@ def cluster_dashboard() -> dict:
                  "percentunit", levels((ORANGE, 0.05), (RED, 0.2)),
                  target(f"max by (instance) ({rate('dpwatch_cpu_steal_seconds_total', CLUSTER)})", "{{instance}}"))
 
+
+def _cluster_dns_row(b: Board) -> None:
     b.row("DNS by node")
     b.timeseries("DNS p99 per node", "99th percentile DNS response time per node (orange: 200 ms, "
                  "DpwatchDNSLatencyHigh).",
@@ -431,6 +290,8 @@ def cluster_dashboard() -> dict:
                  target(f"sum by (instance) ({rate('dpwatch_dns_responses_total', CLUSTER, RCODE_ERRORS)}) / "
                         f"sum by (instance) ({rate('dpwatch_dns_responses_total', CLUSTER)})", "{{instance}}"))
 
+
+def _cluster_inventory_row(b: Board) -> None:
     b.row("Inventory")
     b.table("Nodes: dpwatch version and kernel", "dpwatch_build_info per node: the dpwatch version and the "
             "running kernel (the probes' modes depend on it). Value 1 is green; a node missing here is not "
@@ -438,6 +299,14 @@ def cluster_dashboard() -> dict:
             "none", levels((GREEN, 1), base=RED),
             target(f"max by (instance, version, kernel) (dpwatch_build_info{{{CLUSTER}}})", instant=True, fmt="table"),
             w=24, h=8)
+
+
+def cluster_dashboard() -> dict:
+    b = Board()
+    _cluster_fleet_row(b)
+    _cluster_datapath_row(b)
+    _cluster_dns_row(b)
+    _cluster_inventory_row(b)
     return dashboard("dpwatch-cluster", "dpwatch / Cluster overview",
                      "Every node dpwatch watches: which are down, which drop, whose conntrack or DNS is in "
                      "trouble. Pick a node, then open dpwatch / Node datapath for it.", b, instance_multi=True,
