@@ -11,8 +11,8 @@
  *
  * Parameters (-D, set by probes/conntrack/probe.py):
  *   CT_RECENT_MAX   LRU entries of recent drops by (netns, 5-tuple)
- *   CT_INFLIGHT_MAX concurrent allocations tracked between entry and return
  *   CT_ERR_RECENT, CT_ERR_INFLIGHT   error slots in dpw_errors
+ * Constants shared with Python (CT_EV_* event indexes, CT_INFLIGHT_MAX): bpf/conntrack.h.
  */
 #include <net/net_namespace.h>
 #include <net/netfilter/nf_conntrack_tuple.h>
@@ -20,13 +20,6 @@
 #ifndef CT_RECENT_MAX
 #define CT_RECENT_MAX 256
 #endif
-#ifndef CT_INFLIGHT_MAX
-#define CT_INFLIGHT_MAX 4096
-#endif
-
-#define CT_EV_TABLE_FULL 0
-#define CT_EV_EARLY_DROP 1
-#define CT_EVENTS 2
 
 struct ct_inflight {
     u64 net;
@@ -34,7 +27,7 @@ struct ct_inflight {
 };
 BPF_HASH(ct_inflight, u64, struct ct_inflight, CT_INFLIGHT_MAX);
 
-/* Per-CPU event counts: [table_full, early_drop]. */
+/* Per-CPU event counts, indexed by CT_EV_*. */
 BPF_PERCPU_ARRAY(ct_events, u64, CT_EVENTS);
 
 struct ct_recent_key {

@@ -7,10 +7,12 @@
  *   DROPS_LOC_MAX       entries of the LRU of drop locations (0 turns it off)
  *   DROPS_HAVE_REASON   the tracepoint has the `reason` field (kernel 5.17+)
  *   DROPS_CONSUMED      the value of reason CONSUMED on this kernel, when it has one
- *   DROPS_LOC_EXACT     per CPU and (reason, protocol), the first drops whose location is always
- *                       recorded; after that one drop in DROPS_LOC_SAMPLE (a power of two) is
- *                       recorded with that weight: floods cost a hash update 1/SAMPLE of the time
+ *   DROPS_LOC_SAMPLE    after the first DROPS_LOC_EXACT drops of a (reason, protocol) on a CPU
+ *                       (bpf/drops.h), one drop in DROPS_LOC_SAMPLE (a power of two) has its
+ *                       location recorded with that weight: floods cost a hash update 1/SAMPLE
+ *                       of the time
  *   DROPS_ERR_OTHER, DROPS_ERR_LOC  error slots in dpw_errors
+ * Constants shared with Python (protocol classes, DROPS_LOC_EXACT): bpf/drops.h.
  */
 #ifndef DROPS_MAX_REASON
 #define DROPS_MAX_REASON 256
@@ -21,18 +23,9 @@
 #ifndef DROPS_LOC_MAX
 #define DROPS_LOC_MAX 1024
 #endif
-#ifndef DROPS_LOC_EXACT
-#define DROPS_LOC_EXACT 64
-#endif
 #ifndef DROPS_LOC_SAMPLE
 #define DROPS_LOC_SAMPLE 16
 #endif
-
-#define DROPS_PCLASS_IPV4 0
-#define DROPS_PCLASS_IPV6 1
-#define DROPS_PCLASS_ARP 2
-#define DROPS_PCLASS_OTHER 3
-#define DROPS_PCLASSES 4
 
 BPF_PERCPU_ARRAY(drops_counts, u64, DROPS_MAX_REASON * DROPS_PCLASSES);
 

@@ -12,6 +12,9 @@ Modes, best first:
 - correlated: no kprobes: the drops probe's NETFILTER_DROP count (skb:kfree_skb, not
               attached a second time) is set against the stats' drop counter.
 - stats:      the counters alone.
+
+Kernel side: bpf/conntrack.c, with the constants both sides share in bpf/conntrack.h.
+Findings: probes/conntrack/findings.py.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from dpwatch.daemon.host import netns as netns_mod
-from dpwatch.daemon.host import sysctl
+from dpwatch.daemon.host import paths, sysctl
+from dpwatch.probes import cdefs
+from dpwatch.probes.conntrack import findings
 from dpwatch.probes.drops.readings import reason_total
 from dpwatch.probes.conntrack import params as params_mod
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
@@ -39,9 +44,9 @@ STAT_FIELDS = ("found", "invalid", "insert", "insert_failed", "drop", "early_dro
 PROC_COLUMNS = {"found": "found", "invalid": "invalid", "insert": "insert",
                 "insert_failed": "insert_failed", "drop": "drop", "early_drop": "early_drop",
                 "search_restart": "search_restart", "clashres": "clash_resolve"}
-CT_MAX_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_max"
-ENTRY_BYTES = 320  # approximate kernel memory per conntrack entry (struct nf_conn + hash)
-EVENTS = ("table_full", "early_drop")  # index = CT_EV_* in bpf/conntrack.c
+CT_MAX_SYSCTL = paths.proc("sys", "net", "netfilter", "nf_conntrack_max")
+# Kernel event index -> name: CT_EV_* of bpf/conntrack.h ("table_full", "early_drop").
+EVENTS = cdefs.names_by_value("conntrack.h", "CT_EV_", "CT_EVENTS")
 RECENT_SHOWN = 32  # most recent drop flows carried in a reading (for /diagnose)
 
 
@@ -100,10 +105,10 @@ class NetnsSource:
                 self._ct, self.source = ct, "netlink"
             except Exception as exc:  # no nfnetlink_conntrack: fall back to /proc
                 self.error = f"netlink: {exc}"
-        for key, path in (("stat", "/proc/thread-self/net/stat/nf_conntrack"),
-                          ("count", "/proc/sys/net/netfilter/nf_conntrack_count"),
-                          ("max", CT_MAX_SYSCTL),
-                          ("buckets", "/proc/sys/net/netfilter/nf_conntrack_buckets")):
+        for key, path in (("stat", paths.proc("thread-self", "net", "stat", "nf_conntrack")),
+                          ("count", paths.proc("sys", "net", "netfilter", "nf_conntrack_count")),
+                          ("max", paths.proc("sys", "net", "netfilter", "nf_conntrack_max")),
+                          ("buckets", paths.proc("sys", "net", "netfilter", "nf_conntrack_buckets"))):
             try:
                 self._files[key] = open(path, "rb", buffering=0)
             except OSError:
@@ -216,6 +221,7 @@ class ConntrackProbe(Probe):
         self.skipped_netns = 0
         self.multi = bool(getattr(config, "conntrack_all_netns", False))
         self._last_enum = 0.0
+        self._sysctls: dict[str, int | None] = {}
 
     # -- selection ----------------------------------------------------------------
     def choose_mode(self, features):
@@ -248,8 +254,7 @@ class ConntrackProbe(Probe):
         return [m for m in later if m.name != "correlated" or "drops" in self.config.enabled_probes]
 
     def cflags(self, features) -> list[str]:
-        return [f"-DCT_RECENT_MAX={int(self.config.conntrack_recent_entries)}",
-                "-DCT_INFLIGHT_MAX=4096"]
+        return [f"-DCT_RECENT_MAX={int(self.config.conntrack_recent_entries)}"]
 
     # -- lifecycle ------------------------------------------------------------------
     def attach(self, module) -> None:
@@ -272,7 +277,7 @@ class ConntrackProbe(Probe):
         else:
             # The netns of the thread that attaches (the daemon's own).
             own = netns_mod.own_inode() or 0
-            found = {own: "/proc/thread-self/ns/net"}
+            found = {own: paths.proc("thread-self", "ns", "net")}
         for ino in [i for i in self.sources if i not in found]:
             self.sources.pop(ino).close()
         for ino, path in found.items():
@@ -318,7 +323,8 @@ class ConntrackProbe(Probe):
             if r["buckets"] is not None:
                 buckets[ino] = r["buckets"]
         counters: dict[str, dict] = {"stats": stats}
-        info: dict[str, Any] = {"sources": {ino: s.source for ino, s in self.sources.items()}}
+        info: dict[str, Any] = {"sources": {ino: s.source for ino, s in self.sources.items()},
+                                "sysctls": self._read_sysctls()}
         if self.mode.name == "correlated" and "drops" in (inputs or {}):
             counters["netfilter_drops"] = {(): reason_total(inputs["drops"], "NETFILTER_DROP")}
         if self.mode.name == "kprobe" and self.module is not None:
@@ -374,127 +380,23 @@ class ConntrackProbe(Probe):
                 "all_netns": self.multi,
                 "sources": sorted({s.source for s in self.sources.values()})}
 
+    def _read_sysctls(self) -> dict[str, int | None]:
+        """The sysctls the findings' advice reads (findings.SYSCTLS), read here so that diagnose
+        reads nothing; the same dict object while they do not change."""
+        values = {key: sysctl.read_int(key) for key in findings.SYSCTLS}
+        if values != self._sysctls:
+            self._sysctls = values
+        return self._sysctls
+
     # -- findings ---------------------------------------------------------------------
     def diagnose(self, window: Window) -> list[Finding]:
+        """One function per finding id (findings.py), for each netns of the window."""
         cfg = self.config
-        d = window.delta("stats")
-        g = window.new["gauges"]
-        findings: list[Finding] = []
-        recent = window.new.get("info", {}).get("recent", [])
-        nf_drops = None
-        if "netfilter_drops" in window.new["counters"]:
-            nf_drops = int(sum(window.delta("netfilter_drops").values()))
-        events = window.delta("events") if "events" in window.new["counters"] else None
-        for ino in sorted(set(g["entries"]) | {i for i, _ in d}):
-            entries = g["entries"].get(ino)
-            maximum = g["max"].get(ino)
-            buckets = g["buckets"].get(ino)
-            # A netns first seen after the window began brings its lifetime counters: they are a
-            # baseline, not an increase in this window.
-            old_gauges = (window.old or {}).get("gauges", {}).get("entries")
-            fresh_netns = window.old is not None and old_gauges is not None and ino not in old_gauges
-            drops = 0 if fresh_netns else int(d.get((ino, "drop"), 0))
-            early = 0 if fresh_netns else int(d.get((ino, "early_drop"), 0))
-            failed = 0 if fresh_netns else int(d.get((ino, "insert_failed"), 0))
-            fill = (100.0 * entries / maximum) if entries is not None and maximum else None
-            where = f" in netns {ino}" if self.multi else ""
-            ev = {"entries": entries, "max": maximum,
-                  "fill_percent": round(fill, 1) if fill is not None else None,
-                  "drops": drops, "drops_per_second": round(window.rate(drops), 3),
-                  "early_drops": early, "insert_failed": failed,
-                  "window_seconds": round(window.seconds, 1)}
-            if self.multi:
-                ev["netns"] = ino
-            ev = {k: v for k, v in ev.items() if v is not None}
-            # Early drops happen only when an entry is needed and the table is at its limit: the
-            # table was full in the window even if entries have expired since.
-            if drops or early or (fill is not None and fill >= cfg.conntrack_full_percent):
-                if nf_drops is not None:
-                    ev["netfilter_drops"] = nf_drops
-                    ev["netfilter_drops_explained"] = min(nf_drops, drops)
-                if events is not None:
-                    ev["kprobe_table_full_events"] = int(events.get(("table_full",), 0))
-                mine = [r for r in recent if (not self.multi or r["netns"] == ino)
-                        and r["seconds_ago"] <= window.seconds]
-                if mine:
-                    ev["recent_drops"] = [{"flow": r["flow"], "netns": r["netns"], "event": r["event"],
-                                           "count": r["count"], "seconds_ago": r["seconds_ago"]}
-                                          for r in mine[:8]]
-                findings.append(Finding(
-                    id="conntrack.table_full", probe=self.name, severity="critical",
-                    title=f"Conntrack table full{where}",
-                    summary=_full_summary(where, entries, maximum, ev.get("fill_percent"), drops, early,
-                                          window.seconds),
-                    evidence=ev, remediation=self._remedy(entries, maximum, buckets),
-                    claims=tuple(k for k, n in (("drops", drops), ("early_drops", early)) if n)
-                    or ("fill_percent",),
-                    impact=window.rate(drops) or window.rate(early) or 1.0))
-            elif fill is not None and fill >= cfg.conntrack_pressure_percent:
-                findings.append(Finding(
-                    id="conntrack.table_pressure", probe=self.name, severity="warning",
-                    title=f"Conntrack table filling up{where}",
-                    summary=(f"The conntrack table{where} is {fill:.1f}% full ({entries} of {maximum}). "
-                             f"At {cfg.conntrack_full_percent:g}% and above, bursts of new connections "
-                             "will be dropped."),
-                    evidence=ev, remediation=self._remedy(entries, maximum, buckets),
-                    claims=("fill_percent",), impact=fill / 100.0))
-            if failed:
-                findings.append(Finding(
-                    id="conntrack.insert_failed", probe=self.name, severity="warning",
-                    title=f"Conntrack insert failures{where}",
-                    summary=(f"{failed} conntrack entries could not be inserted in {window.seconds:.0f}s "
-                             f"({window.rate(failed):.2f}/s). The usual cause is the UDP race: two packets "
-                             "of a new flow (A and AAAA DNS queries sent in parallel from one socket) "
-                             "race to create the same entry, and one is dropped: a 5 s DNS timeout."),
-                    evidence=ev, claims=("insert_failed",),
-                    remediation=[
-                        "add 'options single-request-reopen' (glibc) to the pods' resolv.conf, or use "
-                        "dnsConfig.options in the pod spec",
-                        "run NodeLocal DNSCache so pod DNS does not cross conntrack/DNAT",
-                        "or send DNS over TCP ('options use-vc')",
-                    ],
-                    impact=window.rate(failed)))
-        return findings
-
-    def _remedy(self, entries: int | None, maximum: int | None, buckets: int | None) -> list[str]:
-        """nf_conntrack_max sized so current use is at most half full, with its memory cost."""
-        entries = entries or 0
-        base = max(2 * entries, 2 * (maximum or 0), 131072)
-        new_max = 1 << (base - 1).bit_length()
-        new_buckets = new_max // 4
-        mem_mib = new_max * ENTRY_BYTES / (1 << 20)
-        out = [f"sysctl -w net.netfilter.nf_conntrack_max={new_max}   # about {mem_mib:.0f} MiB of "
-               "kernel memory when full"]
-        if buckets is None or new_buckets > buckets:
-            out.append(f"echo {new_buckets} > /sys/module/nf_conntrack/parameters/hashsize   "
-                       "# nf_conntrack_buckets: keep max/buckets at 4 or below")
-        est = sysctl.read_int("net.netfilter.nf_conntrack_tcp_timeout_established")
-        if est and est > 86400:
-            out.append(f"sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established=86400   "
-                       f"# now {est} s: idle established flows hold entries for {est // 86400} days")
-        out.append("on Kubernetes, set the same through kube-proxy's conntrack.maxPerCore/min "
-                   "so it does not reset them")
+        full, pressure = cfg.conntrack_full_percent, cfg.conntrack_pressure_percent
+        out: list[Finding] = []
+        for t in findings.tables(window, self.multi):
+            for f in (findings.table_full(t, full), findings.table_pressure(t, pressure, full),
+                      findings.insert_failed(t, full)):
+                if f is not None:
+                    out.append(f)
         return out
-
-
-def _full_summary(where: str, entries, maximum, fill, drops: int, early: int, seconds: float) -> str:
-    """What a full table does to traffic: drops (new flows refused) and early drops (entries
-    evicted to make room), each said only when it happened in the window."""
-    out = (f"The conntrack table{where} holds {_n(entries)} of {_n(maximum)} entries "
-           f"({'?' if fill is None else fill}%)")
-    if drops:
-        out += (f", and {drops} packets were dropped in {seconds:.0f}s because no entry could be "
-                "created. New connections fail silently: applications see timeouts.")
-    else:
-        out += "."
-    if early:
-        out += (f" {early} entries were evicted early in {seconds:.0f}s to make room (early_drop): "
-                "flows not yet assured (unanswered, or UDP younger than 2 s) lose their state, and "
-                "their next packets, replies included, need a new entry or are dropped.")
-    if not drops and not early:
-        out += " Nothing was dropped or evicted in this window yet: the next burst of new flows will be."
-    return out
-
-
-def _n(value) -> str:
-    return "?" if value is None else str(value)

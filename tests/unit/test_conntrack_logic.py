@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import socket
 import struct
 from types import SimpleNamespace
@@ -14,12 +15,17 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dpwatch.daemon.host import sysctl
+from dpwatch.daemon.host import paths, sysctl
 from dpwatch.daemon.config import Config
+from dpwatch.probes import cdefs
 from dpwatch.probes.conntrack import probe as ct_mod
 from dpwatch.probes.base import Finding, Window
-from dpwatch.probes.conntrack.probe import (CT_MAX_SYSCTL, ENTRY_BYTES, EVENTS, STAT_FIELDS, ConntrackProbe,
-                                      decode_recent, format_tuple, parse_proc_stat, sum_netlink_stats)
+from dpwatch.probes.conntrack import findings as ct_findings
+from dpwatch.probes.conntrack.findings import ENTRY_BYTES, remedy
+from dpwatch.probes.conntrack.probe import (CT_MAX_SYSCTL, EVENTS, STAT_FIELDS, ConntrackProbe,
+                                      NetnsSource, decode_recent, format_tuple, parse_proc_stat,
+                                      sum_netlink_stats)
+from fakes import FakeLruHash, FakeModule, FakePerCpuArray, Struct
 
 # -- recorded contents ------------------------------------------------------------------------
 #
@@ -270,13 +276,13 @@ def stats(ino: int, **fields) -> dict:
 
 def ct_reading(stat: dict | None = None, entries: dict | None = None, maxes: dict | None = None,
                buckets: dict | None = None, nf: int | None = None, events: tuple | None = None,
-               recent: list | None = None) -> dict:
+               recent: list | None = None, est: int | None = 7200) -> dict:
     counters = {"stats": dict(stat or {})}
     if nf is not None:
         counters["netfilter_drops"] = {(): nf}
     if events is not None:
         counters["events"] = {("table_full",): events[0], ("early_drop",): events[1]}
-    info = {"sources": {}}
+    info = {"sources": {}, "sysctls": {EST_KEY: est}}
     if recent is not None:
         info["recent"] = recent
     return {"counters": counters,
@@ -287,10 +293,8 @@ def ct_reading(stat: dict | None = None, entries: dict | None = None, maxes: dic
 
 @pytest.fixture
 def sysctls(monkeypatch):
-    values = {EST_KEY: 7200}
-    # An unexpected key raises KeyError, so the test notices a new sysctl read.
-    monkeypatch.setattr(sysctl, "read_int", lambda key: values[key])
-    return values
+    """diagnose() reads no sysctl (collect() put them in the reading): a read fails the test."""
+    monkeypatch.setattr(sysctl, "read_int", lambda key: pytest.fail(f"sysctl {key} read"))
 
 
 def mode(name: str):
@@ -594,7 +598,7 @@ def test_single_mode_title_has_no_netns(probe):
     assert "netns" not in f.evidence
 
 
-# -- _remedy ------------------------------------------------------------------------------------------
+# -- remedy -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("entries, maximum, buckets, expected", [
     # small table: the floor of 131072 (40 MiB), 32768 buckets > 16384
@@ -610,13 +614,12 @@ def test_single_mode_title_has_no_netns(probe):
     # 2 * 262144 = 524288 exactly
     (262144, 262144, 65536, [max_line(524288, 160), hash_line(131072), K8S_LINE]),
 ])
-def test_remedy(sysctls, entries, maximum, buckets, expected):
-    p = make_probe()
-    assert p._remedy(entries, maximum, buckets) == expected
+def test_remedy(entries, maximum, buckets, expected):
+    assert remedy(entries, maximum, buckets, 7200) == expected
 
 
-def test_remedy_mib_estimate_uses_entry_bytes(sysctls):
-    line = make_probe()._remedy(3_000_000, 0, None)[0]
+def test_remedy_mib_estimate_uses_entry_bytes():
+    line = remedy(3_000_000, 0, None, None)[0]
     new_max = 1 << 23  # 6_000_000 -> 8388608
     assert line == max_line(new_max, round(new_max * ENTRY_BYTES / (1 << 20)))
     assert line == max_line(8388608, 2560)
@@ -632,10 +635,14 @@ def test_remedy_mib_estimate_uses_entry_bytes(sysctls):
              "# now 432000 s: idle established flows hold entries for 5 days"),
 ])
 def test_remedy_tcp_timeout(sysctls, est, line):
-    sysctls[EST_KEY] = est
-    out = make_probe()._remedy(1000, 262144, 262144)
+    out = remedy(1000, 262144, 262144, est)
     expected = [max_line(524288, 160)] + ([line] if line else []) + [K8S_LINE]
     assert out == expected
+    # diagnose() advises on the timeout collect() read into the reading.
+    old = ct_reading(stats(NS_A), {NS_A: 1000}, {NS_A: 262144}, {NS_A: 262144}, est=est)
+    new = ct_reading(stats(NS_A, drop=1), {NS_A: 1000}, {NS_A: 262144}, {NS_A: 262144}, est=est)
+    (f,) = make_probe().diagnose(Window(60.0, old, new))
+    assert f.remediation == expected
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -806,15 +813,16 @@ def test_fallback_modes():
 
 
 def test_cflags_and_multi_from_config():
-    assert ConntrackProbe(Config()).cflags(None) == ["-DCT_RECENT_MAX=256", "-DCT_INFLIGHT_MAX=4096"]
+    # CT_INFLIGHT_MAX is a constant of bpf/conntrack.h, not a flag.
+    assert ConntrackProbe(Config()).cflags(None) == ["-DCT_RECENT_MAX=256"]
     assert ConntrackProbe(Config(conntrack_recent_entries=1000)).cflags(None)[0] == "-DCT_RECENT_MAX=1000"
     assert ConntrackProbe(Config()).multi is False
     assert ConntrackProbe(Config(conntrack_all_netns=True)).multi is True
 
 
 def test_module_constants():
-    assert ct_mod.EVENTS == ("table_full", "early_drop")  # CT_EV_* order in bpf/conntrack.c
-    assert ct_mod.ENTRY_BYTES == 320
+    assert ct_mod.EVENTS == ("table_full", "early_drop")  # CT_EV_* order in bpf/conntrack.h
+    assert ct_findings.ENTRY_BYTES == 320
     assert CT_MAX_SYSCTL == "/proc/sys/net/netfilter/nf_conntrack_max"
 
 
@@ -842,3 +850,88 @@ def test_recent_drops_outside_the_window_are_not_evidence(sysctls):
     new = ct_reading(stats(NS_A, drop=2), {NS_A: 64}, {NS_A: 64}, events=(2, 0), recent=recent)
     (f,) = p.diagnose(Window(60.0, old, new))
     assert [r["flow"] for r in f.evidence["recent_drops"]] == ["tcp 198.18.0.2:1 -> 198.18.0.1:80"]
+
+
+# -- constants shared with bpf/conntrack.c (bpf/conntrack.h) ------------------------------------
+
+def test_events_come_from_the_header():
+    d = cdefs.defines("conntrack.h")
+    assert EVENTS == ("table_full", "early_drop")
+    assert (d["CT_EV_TABLE_FULL"], d["CT_EV_EARLY_DROP"], d["CT_EVENTS"]) == (0, 1, len(EVENTS))
+    assert d["CT_INFLIGHT_MAX"] == 4096
+
+
+def test_the_c_source_defines_no_header_constant():
+    c_text = cdefs.header_text("conntrack.c")
+    for name in cdefs.defines("conntrack.h"):
+        assert not re.search(rf"#\s*define\s+{name}\b", c_text), f"{name} is defined in conntrack.c too"
+        assert re.search(rf"\b{name}\b", c_text), f"{name} is not used by conntrack.c"
+    source = ConntrackProbe(Config()).source_text()
+    assert source.startswith(cdefs.header_text("conntrack.h"))
+
+
+def test_one_function_per_finding_id():
+    assert tuple(ct_findings.FINDINGS) == ConntrackProbe.finding_ids
+
+
+# -- collect ---------------------------------------------------------------------------------------
+
+class FixedSource:
+    source = "netlink"
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def read(self) -> dict:
+        return self.out
+
+
+def test_collect_reads_the_sources_and_the_sysctls(monkeypatch):
+    values = {EST_KEY: 432000}
+    monkeypatch.setattr(sysctl, "read_int", lambda key: values[key])
+    p = make_probe("stats")
+    p.sources = {NS_A: FixedSource({"stats": dict(ZERO, drop=3), "entries": 10, "max": 64, "buckets": None})}
+    r = p.collect()
+    assert r["counters"] == {"stats": {(NS_A, f): (3 if f == "drop" else 0) for f in STAT_FIELDS}}
+    assert r["gauges"] == {"entries": {NS_A: 10}, "max": {NS_A: 64}, "buckets": {}}
+    assert r["info"] == {"sources": {NS_A: "netlink"}, "sysctls": {EST_KEY: 432000}}
+    assert p.collect()["info"]["sysctls"] is r["info"]["sysctls"]  # unchanged: the same object
+    values[EST_KEY] = 7200
+    assert p.collect()["info"]["sysctls"] == {EST_KEY: 7200}
+
+
+def test_collect_kprobe_events_and_recent(monkeypatch):
+    monkeypatch.setattr(sysctl, "read_int", lambda key: None)
+    p = make_probe("kprobe")
+    p.sources = {}
+    key = Struct(netns=NS_B, l3=socket.AF_INET, proto=17, kind=1,  # kind CT_EV_EARLY_DROP
+                 saddr=socket.inet_aton("10.0.0.2").ljust(16, b"\0"),
+                 daddr=socket.inet_aton("10.0.0.1").ljust(16, b"\0"),
+                 sport=socket.htons(5353), dport=socket.htons(53))
+    p.module = FakeModule(ct_events=FakePerCpuArray(len(EVENTS), {0: [3, 1], 1: [0, 2]}),
+                          ct_recent=FakeLruHash({key: Struct(count=4, last_ns=0)}))
+    r = p.collect()
+    assert r["counters"]["events"] == {("table_full",): 4, ("early_drop",): 2}
+    (rec,) = r["info"]["recent"]
+    assert (rec["event"], rec["flow"], rec["count"]) == ("early_drop", "udp 10.0.0.2:5353 -> 10.0.0.1:53", 4)
+
+
+def test_netns_source_reads_files_under_the_proc_root(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "thread-self" / "net" / "stat").mkdir(parents=True)
+    (proc / "thread-self" / "net" / "stat" / "nf_conntrack").write_text(PROC_STAT_AFTER_TRAFFIC)
+    nf = proc / "sys" / "net" / "netfilter"
+    nf.mkdir(parents=True)
+    for name, value in (("count", 9), ("max", 262144), ("buckets", 65536)):
+        (nf / f"nf_conntrack_{name}").write_text(f"{value}\n")
+    src = object.__new__(NetnsSource)  # no worker thread: read in this thread's netns
+    src.inode, src.path, src.source, src.error, src._ct, src._files = NS_A, "", "none", "", None, {}
+    with paths.roots(proc_root=str(proc)):
+        src._open_here(prefer_netlink=False)
+    try:
+        assert src.source == "procfs"
+        assert src._read_here() == {"stats": parse_proc_stat(PROC_STAT_AFTER_TRAFFIC), "entries": 9,
+                                    "max": 262144, "buckets": 65536}
+    finally:
+        for fh in src._files.values():
+            fh.close()

@@ -1,9 +1,11 @@
 """Unit tests for the pure logic of the drops probe and the probe base classes, and the text
 rendering of the triage report. No BPF: readings are built by hand in the shape
-DropsProbe.collect() returns, and sysctls are monkeypatched."""
+DropsProbe.collect() returns, with the sysctls collect() reads in their info (diagnose reads
+none: a sysctl read from it fails the test)."""
 
 from __future__ import annotations
 
+import re
 import time
 from types import SimpleNamespace
 
@@ -17,7 +19,11 @@ from dpwatch.daemon.host.kallsyms import KallsymsResolver
 from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.probes.drops import probe as drops_mod
 from dpwatch.probes.base import SEVERITY_RANK, Finding, Window, counter_delta
-from dpwatch.probes.drops.probe import DropsProbe, _suggest_buffer, load_reason_names, reason_name
+from dpwatch.probes import cdefs
+from dpwatch.probes.drops import findings
+from dpwatch.probes.drops.findings import DropsWindow, suggest_buffer
+from dpwatch.probes.drops.probe import DropsProbe, load_reason_names, protocol_name, reason_name
+from fakes import FakeHash, FakeLruHash, FakeModule, FakePerCpuArray, Struct
 
 MiB = 1 << 20
 LOC_A = 0xffffffff81000000
@@ -33,21 +39,19 @@ SYSCTLS = {
 }
 
 
-def reading(drops: dict | None = None, locations: dict | None = None) -> dict:
+def reading(drops: dict | None = None, locations: dict | None = None, facts: dict = SYSCTLS) -> dict:
     return {"counters": {"drops": dict(drops or {}), "locations": dict(locations or {})},
-            "gauges": {}}
+            "gauges": {}, "info": {"sysctls": dict(facts)}}
 
 
 @pytest.fixture
-def sysctls(monkeypatch):
-    values = dict(SYSCTLS)
-    # An unexpected key raises KeyError, so the test notices a new sysctl read.
-    monkeypatch.setattr(sysctl, "read_int", lambda key: values[key])
-    return values
+def no_sysctl_reads(monkeypatch):
+    """diagnose() reads no sysctl: collect() put them in the reading."""
+    monkeypatch.setattr(sysctl, "read_int", lambda key: pytest.fail(f"sysctl {key} read"))
 
 
 @pytest.fixture
-def probe(sysctls, tmp_path):
+def probe(no_sysctl_reads, tmp_path):
     p = DropsProbe(Config())
     # Synthetic addresses must not resolve against this machine's real /proc/kallsyms.
     p.kallsyms = KallsymsResolver(str(tmp_path / "no-kallsyms"))
@@ -195,7 +199,7 @@ def test_cflags_with_reason(tmp_path, monkeypatch):
     p.mode = DropsProbe.modes[0]
     assert p.cflags(SimpleNamespace(tracefs=write_tracefs(tmp_path))) == [
         "-DDROPS_HAVE_REASON=1", "-DDROPS_CONSUMED=1", "-DDROPS_MAX_REASON=41", "-DDROPS_OTHER_MAX=100",
-        "-DDROPS_LOC_MAX=0", "-DDROPS_LOC_EXACT=64", "-DDROPS_LOC_SAMPLE=4"]
+        "-DDROPS_LOC_MAX=0", "-DDROPS_LOC_SAMPLE=4"]
     assert p.info() == {"reason_names": 4, "reason_name_source": "tracefs:skb/kfree_skb/format",
                         "dense_reasons": 41, "location_entries": 0, "location_sample": 4}
 
@@ -214,11 +218,11 @@ def test_cflags_without_reason():
     p.mode = DropsProbe.modes[1]
     assert p.cflags(SimpleNamespace(tracefs=None)) == [
         "-DDROPS_MAX_REASON=1", "-DDROPS_OTHER_MAX=256", "-DDROPS_LOC_MAX=1024",
-        "-DDROPS_LOC_EXACT=64", "-DDROPS_LOC_SAMPLE=16"]
+        "-DDROPS_LOC_SAMPLE=16"]
     assert p.names == {0: "UNKNOWN"}
 
 
-# -- _suggest_buffer --------------------------------------------------------------------------
+# -- suggest_buffer ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rmem_max, rmem_default, want", [
     (None, None, 4 * MiB),              # unreadable: the 4 MiB floor
@@ -234,12 +238,12 @@ def test_cflags_without_reason():
     (None, 100 * MiB, 100 * MiB),
 ])
 def test_suggest_buffer(rmem_max, rmem_default, want):
-    assert _suggest_buffer(rmem_max, rmem_default) == want
+    assert suggest_buffer(rmem_max, rmem_default) == want
 
 
 # -- DropsProbe.diagnose ----------------------------------------------------------------------
 
-def mixed_window(seconds=7.0):
+def mixed_window(seconds=7.0, facts=SYSCTLS):
     old = reading(
         {("SOCKET_RCVBUFF", "ipv4"): 100, ("SOCKET_RCVBUFF", "ipv6"): 10,
          ("TCP_LISTEN_OVERFLOW", "ipv4"): 5, ("CONSUMED", "ipv4"): 1000,
@@ -251,7 +255,7 @@ def mixed_window(seconds=7.0):
          ("CONSUMED", "ipv4"): 500_000, ("NOT_DROPPED_YET", "other"): 90_000},
         {(LOC_A, "SOCKET_RCVBUFF"): 250, (LOC_C, "SOCKET_RCVBUFF"): 50,
          (LOC_B, "TCP_LISTEN_OVERFLOW"): 21, (LOC_C, "NETFILTER_DROP"): 30,
-         (LOC_D, "CONSUMED"): 499_000})
+         (LOC_D, "CONSUMED"): 499_000}, facts)
     return Window(seconds, old, new)
 
 
@@ -325,10 +329,10 @@ def test_netfilter_finding(probe):
     assert f.impact == 30 / 7
 
 
-def test_remediation_with_small_and_unreadable_sysctls(probe, sysctls):
-    sysctls.update({"net.core.rmem_default": None, "net.core.rmem_max": None,
-                    "net.core.somaxconn": 128, "net.ipv4.tcp_max_syn_backlog": None})
-    found = by_id(probe.diagnose(mixed_window()))
+def test_remediation_with_small_and_unreadable_sysctls(probe):
+    facts = {"net.core.rmem_default": None, "net.core.rmem_max": None,
+             "net.core.somaxconn": 128, "net.ipv4.tcp_max_syn_backlog": None}
+    found = by_id(probe.diagnose(mixed_window(facts=facts)))
     rcv = found["drops.socket_receive_buffer"]
     assert rcv.remediation[:2] == ["sysctl -w net.core.rmem_max=4194304",
                                    "sysctl -w net.core.rmem_default=1048576"]
@@ -336,10 +340,10 @@ def test_remediation_with_small_and_unreadable_sysctls(probe, sysctls):
     assert "sysctl -w net.core.somaxconn=4096," in found["drops.listen_overflow"].remediation[2]
 
 
-def test_remediation_never_lowers_sysctls(probe, sysctls):
-    sysctls.update({"net.core.rmem_default": 8 * MiB, "net.core.rmem_max": 128 * MiB,
-                    "net.core.somaxconn": 65535, "net.ipv4.tcp_max_syn_backlog": 262144})
-    found = by_id(probe.diagnose(mixed_window()))
+def test_remediation_never_lowers_sysctls(probe):
+    facts = {"net.core.rmem_default": 8 * MiB, "net.core.rmem_max": 128 * MiB,
+             "net.core.somaxconn": 65535, "net.ipv4.tcp_max_syn_backlog": 262144}
+    found = by_id(probe.diagnose(mixed_window(facts=facts)))
     assert found["drops.socket_receive_buffer"].remediation[:2] == [
         "sysctl -w net.core.rmem_max=134217728", "sysctl -w net.core.rmem_default=16777216"]
     assert "sysctl -w net.core.somaxconn=131070," in found["drops.listen_overflow"].remediation[2]
@@ -350,7 +354,8 @@ def test_not_drops_are_never_counted(probe):
     new = reading({("CONSUMED", "ipv4"): 10_000_000, ("NOT_DROPPED_YET", "ipv6"): 10_000_000},
                   {(LOC_D, "CONSUMED"): 10_000_000})
     assert probe.diagnose(Window(1.0, old, new)) == []
-    assert probe._by_reason(Window(1.0, old, new)) == ({}, {})
+    w = DropsWindow.of(Window(1.0, old, new), probe.kallsyms.resolve)
+    assert (w.by_reason, w.by_proto) == ({}, {})
 
 
 def test_no_drops_no_findings(probe):
@@ -372,7 +377,7 @@ def test_top_reasons_threshold(probe, count, present):
         assert findings[0].evidence["threshold_per_second"] == 50.0
 
 
-def test_top_reasons_custom_threshold(sysctls):
+def test_top_reasons_custom_threshold(no_sysctl_reads):
     p = DropsProbe(Config(drops_rate_warning=5.0, drops_rate_critical=20.0))
     win = Window(2.0, None, reading({("NO_SOCKET", "ipv4"): 9}))     # 4.5/s
     assert p.diagnose(win) == []
@@ -410,7 +415,7 @@ def test_refused_packets_alone_are_never_critical(probe):
     assert f.severity == "critical"
 
 
-def test_backlog_drops_are_softirqs_when_it_runs(sysctls):
+def test_backlog_drops_are_softirqs_when_it_runs(no_sysctl_reads):
     """CPU_BACKLOG drops are softnet.backlog_drops' (the softirq probe reads the same event from
     softnet_stat in every mode): with the softirq probe on, they do not make the summary rank."""
     win = Window(10.0, None, reading({("CPU_BACKLOG", "ipv4"): 20_000}))
@@ -675,3 +680,55 @@ def test_render_text_mixed_severities():
     assert "     ratio  0.5\n     names:\n       - a\n       - b\n" in text
     assert "empty" not in text
     assert "     $ ss -s\n" in text
+
+
+# -- constants shared with bpf/drops.c (bpf/drops.h) --------------------------------------------
+
+def test_protocol_classes_and_loc_exact_come_from_the_header():
+    d = cdefs.defines("drops.h")
+    assert drops_mod.PROTOCOLS == ("ipv4", "ipv6", "arp", "other")
+    assert len(drops_mod.PROTOCOLS) == d["DROPS_PCLASSES"]
+    assert [d[f"DROPS_PCLASS_{p.upper()}"] for p in drops_mod.PROTOCOLS] == [0, 1, 2, 3]
+    assert drops_mod.LOC_EXACT == d["DROPS_LOC_EXACT"] == 64
+    assert [protocol_name(i) for i in range(6)] == ["ipv4", "ipv6", "arp", "other", "other", "other"]
+
+
+def test_the_c_source_defines_no_header_constant():
+    c_text = cdefs.header_text("drops.c")
+    for name in cdefs.defines("drops.h"):
+        assert not re.search(rf"#\s*define\s+{name}\b", c_text), f"{name} is defined in drops.c too"
+        assert re.search(rf"\b{name}\b", c_text), f"{name} is not used by drops.c"
+    assert DropsProbe(Config()).source_text().startswith(cdefs.header_text("drops.h"))
+
+
+def test_one_function_per_finding_id():
+    assert tuple(findings.FINDINGS) == DropsProbe.finding_ids
+
+
+# -- collect ------------------------------------------------------------------------------------
+
+def test_collect_reads_counts_locations_and_sysctls(monkeypatch):
+    values = dict(SYSCTLS)
+    monkeypatch.setattr(sysctl, "read_int", lambda key: values[key])
+    p = DropsProbe(Config())
+    p.names, p.max_reason = {3: "NO_SOCKET", 6: "SOCKET_RCVBUFF"}, 8
+    p.module = FakeModule(
+        drops_counts=FakePerCpuArray(8 * len(drops_mod.PROTOCOLS), {1 * 8 + 6: [3, 4], 3 * 8 + 3: [1, 0]}),
+        drops_other=FakeHash({Struct(reason=(2 << 16) | 1, pclass=0): [2, 2]}, per_cpu=True, ncpus=2),
+        drops_locs=FakeLruHash({Struct(location=LOC_A, reason=6, pad=0): 7}))
+    r = p.collect()
+    assert r["counters"] == {
+        "drops": {("SOCKET_RCVBUFF", "ipv6"): 7, ("NO_SOCKET", "other"): 1, ("SUBSYS_2_1", "ipv4"): 4},
+        "locations": {(LOC_A, "SOCKET_RCVBUFF"): 7}}
+    assert r["info"] == {"sysctls": SYSCTLS}
+    assert p.collect()["info"]["sysctls"] is r["info"]["sysctls"]  # unchanged: the same object
+    values["net.core.rmem_max"] = 1
+    assert p.collect()["info"]["sysctls"]["net.core.rmem_max"] == 1
+
+
+def test_diagnose_without_sysctls_in_the_reading(probe):
+    """A reading without info (an older snapshot) shows the sysctls as unreadable."""
+    win = Window(1.0, None, {"counters": {"drops": {("SOCKET_RCVBUFF", "ipv4"): 5}, "locations": {}},
+                             "gauges": {}})
+    f = by_id(probe.diagnose(win))["drops.socket_receive_buffer"]
+    assert (f.evidence["net.core.rmem_default"], f.evidence["net.core.rmem_max"]) == (None, None)
