@@ -128,15 +128,18 @@ class SnapshotRing:
     def _all(self) -> list[Snapshot]:
         return (list(self._coarse) if self._tiered else []) + list(self._ring)
 
-    def oldest(self) -> Snapshot | None:
+    def snapshots(self) -> list[Snapshot]:
+        """Every snapshot the ring holds, across tiers (the coarse ones first), oldest first."""
         with self._lock:
-            snaps = self._all()
+            return self._all()
+
+    def oldest(self) -> Snapshot | None:
+        snaps = self.snapshots()
         return snaps[0] if snaps else None
 
     def at(self, target_mono: float) -> Snapshot | None:
         """The snapshot taken closest to ``target_mono``; the oldest one if all are later."""
-        with self._lock:
-            snaps = self._all()
+        snaps = self.snapshots()
         if not snaps:
             return None
         return min(snaps, key=lambda s: abs(s.mono - target_mono))
