@@ -19,9 +19,10 @@ import pytest
 
 from dpwatch.daemon import cli, triage
 from dpwatch.daemon.app import BadRequest, report_format
-from dpwatch.daemon.render_html import render_html, sparkline
+from dpwatch.daemon.triage.html import render_html, sparkline
 from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.probes.base import Finding, Probe
+from dpwatch.probes.charts import ChartSeries
 
 
 def F(fid, sev, impact=0.0, **ev) -> Finding:
@@ -308,6 +309,7 @@ def test_ranking_by_impact_across_severities():
 class OddProbe(Probe):
     name = "odd"
     finding_ids = ("odd.declared",)
+    chart_series = (ChartSeries("odd_c", "odd events", "/s", "c"),)
 
     def diagnose(self, window):
         n = sum(window.delta("c").values())
@@ -330,8 +332,7 @@ class FakeManager:
         return [{"name": "odd", "state": "attached", "mode": "m", "reason": "r"}]
 
 
-def test_build_report_flags_undeclared_ids_and_builds_series(monkeypatch, caplog):
-    monkeypatch.setattr(triage, "SERIES", (("odd_c", "odd events", "/s", "odd", "c", None),))
+def test_build_report_flags_undeclared_ids_and_builds_series(caplog):
     ring = SnapshotRing(10)
     now = time.monotonic()
     for i, value in enumerate((0, 10, 40)):  # at now-30, now-20, now-10

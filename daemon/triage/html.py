@@ -8,7 +8,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from dpwatch.daemon.triage import SHELL_COMMANDS, _fmt_value, _inline
+from dpwatch.daemon.triage.text import SHELL_COMMANDS, fmt_value, inline
 
 COLORS = {"critical": "#b42318", "warning": "#b54708", "info": "#175cd3", "ok": "#067647"}
 CSS = """
@@ -73,22 +73,22 @@ def _chart(s: dict[str, Any]) -> str:
     span = f"{-s['t'][0]:.0f}s" if s.get("t") else ""
     return (f'<div class="chart" data-series="{escape(s["id"])}"><div class="t">{escape(s["title"])} '
             f'{escape(s.get("unit", ""))}</div>{sparkline(values)}'
-            f'<div class="v">now {_fmt_value(round(last, 3))} · peak {_fmt_value(round(peak, 3))}'
+            f'<div class="v">now {fmt_value(round(last, 3))} · peak {fmt_value(round(peak, 3))}'
             f'{" · last " + span if span else ""}</div></div>')
 
 
 def _value_html(v: Any) -> str:
     if isinstance(v, dict):
-        return escape(_inline(v))
+        return escape(inline(v))
     if isinstance(v, list):
         rows = []
         for row in v[:20]:
-            rows.append("<li>" + (escape("  ".join(f"{k}={_inline(x) if isinstance(x, dict) else _fmt_value(x)}"
+            rows.append("<li>" + (escape("  ".join(f"{k}={inline(x) if isinstance(x, dict) else fmt_value(x)}"
                                                   for k, x in row.items()))
-                                  if isinstance(row, dict) else escape(_fmt_value(row))) + "</li>")
+                                  if isinstance(row, dict) else escape(fmt_value(row))) + "</li>")
         more = f"<li>… {len(v) - 20} more</li>" if len(v) > 20 else ""
         return f'<ul style="margin:0;padding-left:18px">{"".join(rows)}{more}</ul>'
-    return escape(_fmt_value(v))
+    return escape(fmt_value(v))
 
 
 def _finding(i: int, f: dict[str, Any]) -> str:
@@ -100,7 +100,7 @@ def _finding(i: int, f: dict[str, Any]) -> str:
     if related:
         items = "".join(
             f'<li><b>{escape(rid)}</b>{": " + escape(str(e.get("title"))) if e.get("title") else ""} '
-            f'<span class="fid">{escape(_inline({k: v for k, v in e.items() if k not in ("title", "severity")}))}'
+            f'<span class="fid">{escape(inline({k: v for k, v in e.items() if k not in ("title", "severity")}))}'
             f'</span></li>' for rid, e in related.items())
         rel = (f'<div class="related">Also explains (folded in, not reported again):'
                f'<ul>{items}</ul></div>')
