@@ -66,9 +66,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-def parse_probe_list(text: str | list[str], flag: str) -> list[str]:
+def parse_probe_list(text: str | list[str], flag: str, known: list[str] | None = None) -> list[str]:
     items = text if isinstance(text, list) else [p for p in re.split(r"[,\s]+", text) if p]
-    known = probe_names()
+    known = known if known is not None else probe_names()
     bad = [p for p in items if p not in known and p != "all"]
     if bad:
         raise ConfigError(f"{flag}: unknown probe(s) {', '.join(bad)}; known: {', '.join(known)}")
@@ -108,9 +108,10 @@ class DaemonConfig:
 
     def validate(self) -> "Config":
         parse_listen(self.listen)
-        self.probes = parse_probe_list(self.probes, "--probes")
-        self.disable = parse_probe_list(self.disable, "--disable")
-        self.require = parse_probe_list(self.require, "--require")
+        known = [p.name for p in self.probe_classes] if self.probe_classes else None
+        self.probes = parse_probe_list(self.probes, "--probes", known)
+        self.disable = parse_probe_list(self.disable, "--disable", known)
+        self.require = parse_probe_list(self.require, "--require", known)
         off = [p for p in self.require if p in self.disable or p not in self.probes]
         if off:
             raise ConfigError(f"--require: probe(s) {', '.join(off)} are required but not enabled")

@@ -86,11 +86,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(probes=PROBES) -> argparse.ArgumentParser:
     d = Config()
     common = argparse.ArgumentParser(add_help=False)
     _probe_selection_flags(common)
-    add_probe_flags(common)
+    add_probe_flags(common, probes)
     o = common.add_argument_group("output")
     o.add_argument("--log-level", default=_env("log-level", d.log_level),
                    help="debug, info, warning or error (default: %(default)s)")
@@ -231,11 +231,12 @@ def probe_values(args, probes=PROBES) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args) -> Config:
-    cfg = Config(
+def config_from_args(args, config_cls: type = Config) -> Config:
+    """``config_cls``: Config, or config.config_class(probes) for another probe list."""
+    cfg = config_cls(
         probes=args.probes, disable=args.disable, require=args.require,
         strict=bool(args.strict) if args.strict is not None else _env_bool("strict"),
-        log_level=args.log_level, **probe_values(args))
+        log_level=args.log_level, **probe_values(args, config_cls.probe_classes))
     if args.command == "run":
         cfg.listen = args.listen
         cfg.snapshot_interval = parse_duration(args.snapshot_interval, "--snapshot-interval")

@@ -1,10 +1,12 @@
 """The probe interface.
 
-A probe is ``bpf/<name>.c`` (optional) plus a module here. The manager drives each probe
-through the same steps, and data only flows one way:
+A probe is its folder ``probes/<name>/`` (probe.py, params.py, findings.py, its helpers) plus
+``bpf/<name>.c`` and ``bpf/<name>.h`` when it has a kernel side (docs/architecture.md). The
+manager drives each probe through the same steps, and data only flows one way:
 
-    choose_mode(features) -> cflags(config, err_slots) -> [one compile for all probes]
-    -> attach(module) -> collect() readings -> metrics(reading) and diagnose(window) -> close()
+    choose_mode(features) -> cflags(features) -> [one compile for all probes]
+    -> attach(module) -> collect(inputs) readings -> metrics(reading) and diagnose(window)
+    -> close()
 
 Readings are plain dicts of cumulative counters and gauges so the daemon can keep a ring of
 them and take deltas over any window without knowing what a probe counts.

@@ -53,6 +53,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _number(value: float) -> str:
+    """10000000 -> '10000000' (not 1e+07), 0.5 -> '0.5'."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def parse_ports(value: Any, flag: str, error: type[Exception] = ParamError) -> list[int]:
     """'53,5353' or [53, 5353] -> [53, 5353]: 1 to 8 distinct ports in 1..65535."""
     items = value if isinstance(value, (list, tuple)) else [p for p in re.split(r"[,\s]+", str(value)) if p]
@@ -168,7 +173,7 @@ class Param:
         return value
 
     def _check_range(self, value: float, error: type[Exception]) -> None:
-        show = format_duration if self.type == "duration" else (lambda v: f"{v:g}")
+        show = format_duration if self.type == "duration" else _number
         if self.power_of_two and not (self.min <= value <= self.max and int(value) == value
                                       and int(value) & (int(value) - 1) == 0):
             raise error(f"{self.option}: {value} must be a power of two within "

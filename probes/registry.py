@@ -1,7 +1,7 @@
-"""The explicit probe registry: every probe dpwatch knows, in load order.
+"""The explicit probe registry: every probe dpwatch knows.
 
-Adding a probe means adding bpf/<name>.c (if it has a kernel side), probes/<name>.py, and
-one line here. Nothing registers itself at import time.
+Adding a probe means its folder probes/<name>/ (and bpf/<name>.c, .h with a kernel side) and
+one line here (docs/architecture.md walks through it). Nothing registers itself at import time.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dpwatch.probes.mtu.probe import MtuProbe
 from dpwatch.probes.node.probe import NodeProbe
 from dpwatch.probes.softirq.probe import SoftirqProbe
 
-# Order matters: a probe may use an earlier probe's data (conntrack's correlated mode reads
-# the drops probe's NETFILTER_DROP count), so providers come first.
+# The order is that of --help groups and /probes. The manager attaches and collects in the
+# order the probes' `needs` give (drops before conntrack and frag), whatever it is here.
 PROBES: tuple[type[Probe], ...] = (
     DropsProbe,
     ConntrackProbe,
