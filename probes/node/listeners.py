@@ -19,14 +19,10 @@ gave 792 ListenOverflows in 3.5 s (the SYNs and their retransmissions), sk_drops
 skb:kfree_skb drop with reason TCP_LISTEN_OVERFLOW: a refused SYN is freed with consume_skb.
 So the node probe names the listeners from these counters, with or without drop reasons.
 
-Halves, as in nodeaudit.py:
-
-- gathering: ``read_listeners()`` (call it in a thread that lives in the netns to read: it
-  makes its netlink socket there), ``socket_owners()`` (a bounded /proc/*/fd scan), and
-  ``Tracker``, the bounded memory of listeners seen with connections queued;
-- checking: ``culprits()``, ``recommended_backlog()`` and ``remediation()``, pure functions
-  of a ``ListenWindow`` (the window's counter deltas and the last sample) used by
-  nodeaudit.check_listen_overflow.
+Here: ``read_listeners()`` (call it in a thread that lives in the netns to read: it makes
+its netlink socket there), ``socket_owners()`` (a bounded /proc/*/fd scan), and ``Tracker``,
+the bounded memory of listeners seen with connections queued. Which of them overflowed in a
+window is probes/node/culprits.py's (pure), the finding probes/node/findings.py's.
 """
 
 from __future__ import annotations
@@ -37,6 +33,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from dpwatch.daemon.host import paths
+from dpwatch.probes.node import netlink as nl
+
 TCP_LISTEN = 10
 INET_DIAG_SKMEMINFO = 7       # rtattr type; requested with idiag_ext bit (1 << (7 - 1))
 SK_MEMINFO_DROPS = 8          # index of sk_drops in the SKMEMINFO u32 array
@@ -44,14 +43,8 @@ TRACKED_MAX = 256             # listeners remembered with queued connections / c
 OWNER_SCAN_MAX_FDS = 200_000  # /proc/*/fd links read at most per owner scan
 OWNERS_PER_SOCKET = 3         # processes named per socket (pre-fork servers share one)
 OWNER_RETRY_SECONDS = 60.0    # a socket no process was found for is looked up again after this
-NAMED_MAX = 5                 # listeners named in a finding
-BACKLOG_MIN = 128             # the smallest listen() backlog dpwatch recommends
-BACKLOG_FACTOR = 4            # ... else 4x what overflowed, to the next power of two
 
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLMSG_HDR = struct.Struct("=IHHII")
 # struct inet_diag_req_v2: family, protocol, ext, pad, states, then struct inet_diag_sockid:
 # sport, dport (network order), src, dst (16 bytes each), ifindex, cookie (8 bytes).
 DIAG_REQ = struct.Struct("=BBBBI2s2s16s16sI8s")
@@ -93,23 +86,15 @@ def parse_diag_messages(data: bytes, out: list[Listener]) -> bool:
     """The netlink messages of a SOCK_DIAG_BY_FAMILY dump (struct inet_diag_msg, then
     rtattrs) -> LISTEN sockets appended to ``out``. Returns whether NLMSG_DONE was seen;
     raises OSError on an NLMSG_ERROR, ValueError on a truncated message."""
-    off = 0
-    while off + NLMSG_HDR.size <= len(data):
-        length, mtype, _flags, _seq, _pid = NLMSG_HDR.unpack_from(data, off)
-        if length < NLMSG_HDR.size or off + length > len(data):
-            raise ValueError(f"truncated netlink message at {off} (length {length})")
-        body = off + NLMSG_HDR.size
-        if mtype == NLMSG_DONE:
+    for off, length, mtype, _flags in nl.messages(data):
+        if mtype == nl.NLMSG_DONE:
             return True
-        if mtype == NLMSG_ERROR:
-            (err,) = struct.unpack_from("=i", data, body)
-            if err:
-                raise OSError(-err, os.strerror(-err))
-        elif mtype == SOCK_DIAG_BY_FAMILY and length >= NLMSG_HDR.size + DIAG_MSG.size:
-            listener = _listener(data, body, off + length)
+        if mtype == nl.NLMSG_ERROR:
+            nl.check_error(data, off)
+        elif mtype == SOCK_DIAG_BY_FAMILY and length >= nl.NLMSG_HDR.size + DIAG_MSG.size:
+            listener = _listener(data, off + nl.NLMSG_HDR.size, off + length)
             if listener is not None:
                 out.append(listener)
-        off += (length + 3) & ~3
     return False
 
 
@@ -120,14 +105,9 @@ def _listener(data: bytes, at: int, end: int) -> Listener | None:
     if state != TCP_LISTEN or family is None:
         return None
     meminfo = None
-    a = at + DIAG_MSG.size
-    while a + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", data, a)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == INET_DIAG_SKMEMINFO:
-            meminfo = data[a + 4:a + alen]
-        a += (alen + 3) & ~3
+    for atype, value in nl.attrs(data, at + DIAG_MSG.size, end):
+        if atype == INET_DIAG_SKMEMINFO:
+            meminfo = value
     address = socket.inet_ntop(fam, src[:4] if fam == socket.AF_INET else src)
     return Listener(family, address, int.from_bytes(sport, "big"), inode, rqueue, wqueue,
                     skmeminfo_drops(meminfo), uid)
@@ -138,8 +118,7 @@ def dump_request(family: int) -> bytes:
     sockets of ``family``, with SKMEMINFO."""
     req = DIAG_REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 0,
                         1 << TCP_LISTEN, b"", b"", b"", b"", 0, b"\xff" * 8)  # INET_DIAG_NOCOOKIE
-    return NLMSG_HDR.pack(NLMSG_HDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
-                          1, 0) + req
+    return nl.request(SOCK_DIAG_BY_FAMILY, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, req)
 
 
 def _dump(family: int) -> list[Listener]:
@@ -182,13 +161,14 @@ def sample_netns() -> tuple[list[Listener], str, int | None]:
     return found, error, sysctl.read_int("net.core.somaxconn")
 
 
-def socket_owners(inodes: Iterable[int], proc: str = "/proc", max_fds: int = OWNER_SCAN_MAX_FDS,
+def socket_owners(inodes: Iterable[int], proc: str | None = None, max_fds: int = OWNER_SCAN_MAX_FDS,
                   per_socket: int = OWNERS_PER_SOCKET) -> tuple[dict[int, list[tuple[int, str]]], int, bool]:
     """Processes holding each socket inode, from the /proc/PID/fd links ("socket:[INODE]"):
     ({inode: [(pid, comm), ...] lowest pids first, at most ``per_socket``}, fds read, whether
     the scan stopped at ``max_fds``). Only what this /proc shows: in another pid namespace
     (a container without hostPID) the host's processes are not there, and another user's fd
-    links need CAP_SYS_PTRACE (EACCES without it: skipped)."""
+    links need CAP_SYS_PTRACE (EACCES without it: skipped). ``proc``: paths.proc() unless given."""
+    proc = proc or paths.proc()
     want = {f"socket:[{int(i)}]": int(i) for i in inodes}
     found: dict[int, list[tuple[int, str]]] = {i: [] for i in want.values()}
     if not want:
@@ -319,131 +299,3 @@ def drop_counters(listeners: list[Listener], cap: int = TRACKED_MAX) -> dict[tup
     dropped anything, the ``cap`` biggest (a socket not listed counts from 0)."""
     rows = sorted((x for x in listeners if x.drops), key=lambda x: -x.drops)[:cap]
     return {(x.inode,): x.drops for x in rows}
-
-
-# =============================================================================================
-# Checking (pure)
-# =============================================================================================
-
-@dataclass
-class ListenWindow:
-    """A report window's view of the listen queues: the netns counters' deltas (TcpExt
-    ListenOverflows and ListenDrops, Tcp PassiveOpens), each socket's drops in the window
-    ({inode: n}, from the reading's counters) and the fresh sample."""
-    seconds: float
-    overflows: int = 0
-    drops: int = 0
-    passive_opens: int = 0
-    socket_drops: dict[int, int] = field(default_factory=dict)
-    sample: ListenSample | None = None
-
-    @property
-    def somaxconn(self) -> int | None:
-        return self.sample.somaxconn if self.sample else None
-
-
-@dataclass
-class Culprit:
-    listener: Listener
-    drops_in_window: int
-    tracked: dict[str, Any]
-    owners: list[tuple[int, str]] | None   # None: not looked up (yet)
-    capped: bool | None                    # None: somaxconn unknown
-    basis: str                             # "socket drops" | "seen full"
-
-    def who(self) -> str:
-        """'198.18.0.1:80 (nginx, pids 10, 11)': the endpoint and, when known, its owners."""
-        if not self.owners:
-            return self.listener.endpoint
-        by_comm: dict[str, list[int]] = {}
-        for pid, comm in self.owners:
-            by_comm.setdefault(comm, []).append(pid)
-        names = "; ".join(f"{comm}, pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
-                          for comm, pids in by_comm.items())
-        return f"{self.listener.endpoint} ({names})"
-
-    def evidence(self) -> dict[str, Any]:
-        x, t = self.listener, self.tracked
-        ev: dict[str, Any] = {"listener": x.endpoint, "process": None}
-        if self.owners:
-            ev["process"] = {"pid": self.owners[0][0], "comm": self.owners[0][1]}
-            if len(self.owners) > 1:
-                ev["other_pids"] = [pid for pid, _ in self.owners[1:]]
-        ev.update({
-            "effective_backlog": x.backlog, "queue_now": x.queue, "full_now": x.full,
-            "capped_by_somaxconn": self.capped, "socket_drops_in_window": self.drops_in_window,
-            "attributed_by": self.basis, "queue_peak_seen": max(t.get("queue_peak", 0), x.queue),
-            "last_full_seconds_ago": 0.0 if x.full else t.get("last_full_seconds_ago"),
-        })
-        return ev
-
-
-def culprits(lw: ListenWindow) -> list[Culprit]:
-    """The listeners whose queues overflowed in the window, likeliest first: those whose own
-    drop counter grew (exact attribution); when none did (the socket closed since, or the
-    kernel gives no SKMEMINFO), those a sample found full in the window or that are full now."""
-    s = lw.sample
-    if s is None:
-        return []
-
-    def make(x: Listener, basis: str) -> Culprit:
-        capped = None if s.somaxconn is None else x.backlog == s.somaxconn
-        return Culprit(x, int(lw.socket_drops.get(x.inode, 0)), s.tracked.get(x.inode, {}),
-                       s.owners.get(x.inode), capped, basis)
-
-    dropped = [make(x, "socket drops") for x in s.listeners if lw.socket_drops.get(x.inode, 0) > 0]
-    if dropped:
-        return sorted(dropped, key=lambda c: (-c.drops_in_window, c.listener.endpoint))
-
-    def seen_full(x: Listener) -> bool:
-        age = s.tracked.get(x.inode, {}).get("last_full_seconds_ago")
-        return x.full or (age is not None and age <= lw.seconds)
-    full = [make(x, "seen full") for x in s.listeners if seen_full(x)]
-    return sorted(full, key=lambda c: (not c.listener.full, -c.listener.queue, c.listener.endpoint))
-
-
-def recommended_backlog(backlog: int, somaxconn: int | None) -> int:
-    """The listen() backlog to advise for a listener that overflowed with ``backlog`` and is
-    not capped by somaxconn: 4x the connections it held (backlog + 1), to the next power of
-    two, at least 128, and no more than somaxconn allows (past that the kernel caps it)."""
-    from dpwatch.probes.node.audit import pow2_at_least
-    want = max(BACKLOG_MIN, pow2_at_least(BACKLOG_FACTOR * (backlog + 1)))
-    return min(want, somaxconn) if somaxconn else want
-
-
-def recommended_somaxconn(somaxconn: int) -> int:
-    """For a listener capped by somaxconn: twice the cap, and at least the kernel default."""
-    from dpwatch.probes.node.audit import SOMAXCONN_RECOMMENDED
-    return max(2 * somaxconn, SOMAXCONN_RECOMMENDED)
-
-
-def remediation(found: list[Culprit], somaxconn: int | None) -> list[str]:
-    """Fix lines for the named listeners: the application's backlog where somaxconn does not
-    cap it, somaxconn (and then the backlog) only where it does."""
-    fix: list[str] = []
-    capped = [c for c in found if c.capped]
-    if capped and somaxconn:
-        want = recommended_somaxconn(somaxconn)
-        fix.append(f"sysctl -w net.core.somaxconn={want}")
-        for c in capped[:3]:
-            fix.append(f"{c.who()}: its backlog {c.listener.backlog} is capped by somaxconn; after the "
-                       f"sysctl it must call listen() again with a backlog of {want} (restart it: the cap "
-                       "applies at listen() time; Go and listen(-1) ask for somaxconn itself)")
-    for c in [c for c in found if not c.capped][:3]:
-        want = recommended_backlog(c.listener.backlog, somaxconn)
-        cap = f"; somaxconn={somaxconn} does not cap it, no sysctl helps" if somaxconn else ""
-        if want > c.listener.backlog:
-            fix.append(f"{c.who()}: raise its listen() backlog from {c.listener.backlog} to {want}, "
-                       f"or make it accept() faster (more workers, nothing slow on the accept path){cap}")
-        else:
-            fix.append(f"{c.who()}: its backlog {c.listener.backlog} is already at or above what "
-                       f"somaxconn={somaxconn} allows; make it accept() faster (more workers, nothing "
-                       "slow on the accept path)")
-    if found:
-        fix.append(f"ss -ltnp 'sport = :{found[0].listener.port}'   # Recv-Q above Send-Q: its accept "
-                   "queue is full")
-    else:
-        fix.append("ss -ltnp | awk 'NR == 1 || $2 > $3'   # listeners whose accept queue is full now "
-                   "(Recv-Q above Send-Q)")
-    fix.append("nstat -az TcpExtListenOverflows TcpExtListenDrops   # should stop growing")
-    return fix

@@ -13,6 +13,9 @@ inet_diag dump per family, on a thread of its own in the daemon's netns), with e
 accept queue, backlog and drop counter, so node.listen_queue_overflow names the listeners
 that refused connections. The owner of such a listener is looked up in /proc only when it
 is full or its drops grow, once per socket.
+
+diagnose() reads nothing from the node: the findings (probes/node/findings.py, one pure
+function per finding id) judge from the reading's audit facts, counters and listeners sample.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from typing import Any, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-from dpwatch.probes.node import listeners
+from dpwatch.daemon.host import paths
 from dpwatch.probes.node import audit as nodeaudit
-from dpwatch.daemon.host.snmp import parse_snmp, parse_snmp6
+from dpwatch.probes.node import counters, findings, listeners
 from dpwatch.probes.node import params as params_mod
+from dpwatch.probes.node.culprits import ListenWindow
+from dpwatch.probes.node import charts
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.node")
@@ -36,26 +41,6 @@ log = logging.getLogger("dpwatch.node")
 # many rules and sockets; the early audit skips the inotify scan): at most one early audit per
 # this many seconds, so a node whose rules or sockets churn pays at most ~1% of a CPU here.
 EARLY_AUDIT_GAP_SECONDS = 5.0
-
-
-def parse_softnet_dropped(text: str) -> int:
-    """Column 2 of /proc/net/softnet_stat (hex, one row per CPU): packets dropped because the
-    CPU's input backlog (netdev_max_backlog) was full."""
-    total = 0
-    for line in text.split("\n"):
-        parts = line.split()
-        if len(parts) >= 2:
-            total += int(parts[1], 16)
-    return total
-
-
-def parse_ct_drops(text: str) -> int:
-    """The 'drop' column of /proc/net/stat/nf_conntrack, summed over CPUs."""
-    rows = [ln.split() for ln in text.strip().splitlines() if ln.strip()]
-    if len(rows) < 2 or "drop" not in rows[0]:
-        return 0
-    i = rows[0].index("drop")
-    return sum(int(r[i], 16) for r in rows[1:] if len(r) > i)
 
 
 class NodeProbe(Probe):
@@ -68,9 +53,10 @@ class NodeProbe(Probe):
                    "node.tcp_tw_reuse_off", "node.netdev_max_backlog_low", "node.socket_buffers_small",
                    "node.congestion_control", "node.inotify_limits_low", "netfilter.rule_count_high",
                    "node.overlay_in_use")
+    chart_series = charts.SERIES
     params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
-        Mode("audit", (Hook("procfs", "/proc/sys/net/core/somaxconn"),),
+        Mode("audit", (Hook("procfs", paths.proc("sys", "net", "core", "somaxconn")),),
              "sysctls, /proc/net/tcp, sock_diag listeners, nfnetlink and iptables-legacy rule "
              "counts, rtnetlink links", bpf=False),
     )
@@ -99,20 +85,16 @@ class NodeProbe(Probe):
         self.module = module
         self._attached = []
         # Held open from the attaching thread, so they stay bound to the daemon's netns.
-        for key, path in (("netstat", "/proc/thread-self/net/netstat"),
-                          ("snmp", "/proc/thread-self/net/snmp"),
-                          ("snmp6", "/proc/thread-self/net/snmp6"),
-                          ("softnet", "/proc/net/softnet_stat"),
-                          ("ct_stat", "/proc/thread-self/net/stat/nf_conntrack"),
-                          ("ct_count", "/proc/sys/net/netfilter/nf_conntrack_count")):
+        for key, path in counters.files().items():
             try:
                 self._files[key] = open(path, "rb", buffering=0)
             except OSError:
                 pass
         from dpwatch.daemon.host.netns import NetnsWorker
-        self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-node")
+        netns = paths.proc("thread-self", "ns", "net")
+        self._worker = NetnsWorker(netns, name="dpwatch-node")
         # Its own thread, so a report's fresh reading never waits behind a running audit.
-        self._listen_worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-listen")
+        self._listen_worker = NetnsWorker(netns, name="dpwatch-listen")
         self.run_audit()
 
     def close(self) -> None:
@@ -207,30 +189,7 @@ class NodeProbe(Probe):
             self._owners[inode] = (found.get(inode, []), now)
 
     def collect(self, inputs=None) -> Reading:
-        c: dict[tuple[str], int] = {}
-        text = self._read("netstat")
-        if text:
-            ext = parse_snmp(text).get("TcpExt", {})
-            c[("listen_overflows",)] = ext.get("ListenOverflows", 0)
-            c[("listen_drops",)] = ext.get("ListenDrops", 0)
-        text = self._read("snmp")
-        errs = 0
-        if text:
-            snmp = parse_snmp(text)
-            udp = snmp.get("Udp", {})
-            errs += udp.get("RcvbufErrors", 0) + udp.get("SndbufErrors", 0)
-            c[("passive_opens",)] = snmp.get("Tcp", {}).get("PassiveOpens", 0)
-        text = self._read("snmp6")
-        if text:
-            v6 = parse_snmp6(text)
-            errs += v6.get("Udp6RcvbufErrors", 0) + v6.get("Udp6SndbufErrors", 0)
-        c[("buffer_errors",)] = errs
-        text = self._read("softnet")
-        if text:
-            c[("backlog_drops",)] = parse_softnet_dropped(text)
-        text = self._read("ct_stat")
-        if text:
-            c[("conntrack_drops",)] = parse_ct_drops(text)
+        c = counters.limit_counters(self._read)
         text = self._read("ct_count")
         if text and text.strip().isdigit():
             self.peak = max(self.peak, int(text))
@@ -284,15 +243,15 @@ class NodeProbe(Probe):
         info = window.new.get("info", {})
         facts = info.get("facts")
         d = {k[0]: int(v) for k, v in window.delta("limits").items()}
-        listen = listeners.ListenWindow(
+        listen = ListenWindow(
             window.seconds, overflows=d.get("listen_overflows", 0), drops=d.get("listen_drops", 0),
             passive_opens=d.get("passive_opens", 0),
             socket_drops={k[0]: int(v) for k, v in window.delta("listener_drops").items()},
             sample=info.get("listen"))
         if facts is None:  # no audit yet: the live listen check still stands on the counters
-            results = [r for r in (nodeaudit.check_listen_overflow(listen),) if r is not None]
+            results = [r for r in (findings.listen_queue_overflow(listen),) if r is not None]
         else:
-            results = nodeaudit.check(
+            results = findings.check(
                 facts, conntrack_peak=window.new["gauges"]["conntrack_peak"].get(()),
                 conntrack_drops=d.get("conntrack_drops", 0), listen=listen,
                 buffer_errors=d.get("buffer_errors", 0), backlog_drops=d.get("backlog_drops", 0),

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from dpwatch.probes.node import audit as nodeaudit
+from dpwatch.probes.node import findings
 from dpwatch.daemon.host import sysctl
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.host.netns import run_in
@@ -71,7 +72,7 @@ def test_per_netns_sysctls_and_time_wait(lab):
     assert f.busiest_destination["destination"].startswith(f"{lab.pod.node_ip4}:")
     assert f.ephemeral_ports_in_use == 600
     assert f.cpus == os.cpu_count()
-    found = {r.id: r for r in nodeaudit.check(f)}
+    found = {r.id: r for r in findings.check(f)}
     s = found["node.somaxconn_low"]
     assert s.severity == "info" and s.evidence["net.core.somaxconn"] == 128
     p = found["node.port_range_small"]
@@ -82,7 +83,7 @@ def test_per_netns_sysctls_and_time_wait(lab):
     c = found["node.congestion_control"]
     assert c.evidence["net.ipv4.tcp_congestion_control"] == "reno"
     # The pod's netns kept the defaults: none of that there.
-    g = {r.id for r in nodeaudit.check(gather_in(lab.pod.ns))}
+    g = {r.id for r in findings.check(gather_in(lab.pod.ns))}
     assert not g & {"node.somaxconn_low", "node.port_range_small", "node.tcp_tw_reuse_off"}
 
 
@@ -106,8 +107,8 @@ def test_buffers_and_global_sysctls_read_and_restored(lab):
     assert f.sysctls["net.core.rmem_max"] == "212992" and f.sysctls["net.core.wmem_max"] == "212992"
     assert child.sysctls["net.core.netdev_max_backlog"] is None
     assert "net.core.netdev_max_backlog" in child.errors["sysctl"]
-    assert "node.netdev_max_backlog_low" not in {r.id for r in nodeaudit.check(child)}  # unknown: no advice
-    found = {r.id: r for r in nodeaudit.check(f)}
+    assert "node.netdev_max_backlog_low" not in {r.id for r in findings.check(child)}  # unknown: no advice
+    found = {r.id: r for r in findings.check(f)}
     b = found["node.socket_buffers_small"]
     assert b.evidence["net.core.rmem_max"] == 212992 and b.severity == "info"
     assert found["node.netdev_max_backlog_low"].evidence["net.core.netdev_max_backlog"] == 300
@@ -122,7 +123,7 @@ def test_conntrack_max_against_peak_use(lab):
         f = gather_in(lab.node)
     finally:
         _set_global("net.netfilter.nf_conntrack_max", old)
-    r = {x.id: x for x in nodeaudit.check(f, conntrack_peak=800)}["node.conntrack_max_low"]
+    r = {x.id: x for x in findings.check(f, conntrack_peak=800)}["node.conntrack_max_low"]
     assert r.evidence["net.netfilter.nf_conntrack_max"] == 1000 and r.severity == "warning"
     assert r.evidence["peak_fill_percent"] == 80.0
     assert r.evidence["cpus"] == os.cpu_count()
@@ -154,10 +155,10 @@ def test_nft_rules_counted_exactly_and_kube_chains_found(lab):
     assert nf["kube_proxy_rules"] == 301
     assert nf["top_chains"][0]["rules"] == 3
     assert "nftables" not in f.errors
-    r = {x.id: x for x in nodeaudit.check(f, netfilter_threshold=300)}["netfilter.rule_count_high"]
+    r = {x.id: x for x in findings.check(f, netfilter_threshold=300)}["netfilter.rule_count_high"]
     assert r.evidence["total_rules"] == 301 and r.evidence["kube_svc_chains"] == 100
     assert "eBPF" in r.remediation[0] and "Cilium" in r.remediation[0]
-    assert "netfilter.rule_count_high" not in {x.id for x in nodeaudit.check(f, netfilter_threshold=302)}
+    assert "netfilter.rule_count_high" not in {x.id for x in findings.check(f, netfilter_threshold=302)}
     # The pod's netns has none of them.
     assert gather_in(lab.pod.ns).netfilter["nft_rules"] == 0
 

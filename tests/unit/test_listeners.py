@@ -1,7 +1,7 @@
-"""Unit tests of the listener reading and its pure logic (probes/node/listeners.py): inet_diag
-messages built by hand in the kernel's layout (pyroute2's decoder as the reference), a fake
-/proc for the owner scan, the tracker's bounds, and the ranking and remediation over fake
-listener rows. The real kernel is exercised in tests/kernel/test_nodeaudit_kernel.py."""
+"""Unit tests of the listener reading (probes/node/listeners.py) and its pure logic (culprits.py,
+remedies.py, thresholds.py): inet_diag messages built by hand in the kernel's layout (pyroute2's
+decoder as the reference), a fake /proc for the owner scan, the tracker's bounds, and the
+ranking and remediation over fake listener rows. The real kernel is exercised in tests/kernel/test_nodeaudit_kernel.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import struct
 import pytest
 from pyroute2.netlink.diag import inet_diag_msg, inet_diag_req
 
+from dpwatch.daemon.host import paths
 from dpwatch.probes.node import listeners as ls
-from dpwatch.probes.node.listeners import Listener, ListenSample, ListenWindow
+from dpwatch.probes.node import remedies, thresholds
+from dpwatch.probes.node.culprits import Culprit, ListenWindow, culprits
+from dpwatch.probes.node.listeners import Listener, ListenSample
 
 
 def L(port: int, queue: int, backlog: int, drops: int | None = 0, inode: int | None = None,
@@ -98,7 +101,9 @@ def test_socket_owners_scans_fd_links_bounded(tmp_path):
     found, scanned, truncated = ls.socket_owners([700], proc=proc, max_fds=3)
     assert truncated and scanned == 3 and found[700] == []
     assert ls.socket_owners([], proc=proc) == ({}, 0, False)
-    c = ls.Culprit(L(80, 2, 1), 5, {}, [(10, "nginx"), (11, "nginx"), (20, "sshd")], False, "socket drops")
+    with paths.roots(proc_root=proc):  # the default /proc is paths.proc()
+        assert ls.socket_owners([700])[0][700] == [(20, "sshd")]
+    c = Culprit(L(80, 2, 1), 5, {}, [(10, "nginx"), (11, "nginx"), (20, "sshd")], False, "socket drops")
     assert c.who() == "198.18.0.1:80 (nginx, pids 10, 11; sshd, pid 20)"
 
 
@@ -136,7 +141,7 @@ def test_culprits_by_socket_drops_then_seen_full():
     rows = [L(80, 0, 511), L(9641, 2, 1), L(443, 129, 128), L(22, 0, 128)]
     lw = ListenWindow(30.0, overflows=300, drops=300, socket_drops={9641: 200, 443: 100},
                       sample=sample(rows, owners={9641: [(7, "python3")]}))
-    found = ls.culprits(lw)
+    found = culprits(lw)
     assert [c.listener.port for c in found] == [9641, 443]
     assert all(c.basis == "socket drops" for c in found)
     ev = found[0].evidence()
@@ -148,43 +153,43 @@ def test_culprits_by_socket_drops_then_seen_full():
     tracked = {80: {"last_full_seconds_ago": 12.0, "queue_peak": 512},
                22: {"last_full_seconds_ago": 45.0, "queue_peak": 129}}
     lw = ListenWindow(30.0, overflows=5, sample=sample(rows, tracked=tracked))
-    assert [(c.listener.port, c.basis) for c in ls.culprits(lw)] == [
+    assert [(c.listener.port, c.basis) for c in culprits(lw)] == [
         (443, "seen full"), (9641, "seen full"), (80, "seen full")]  # 22 was full before the window
-    assert ls.culprits(lw)[2].evidence()["queue_peak_seen"] == 512
-    assert ls.culprits(ListenWindow(30.0, overflows=5)) == []
+    assert culprits(lw)[2].evidence()["queue_peak_seen"] == 512
+    assert culprits(ListenWindow(30.0, overflows=5)) == []
     # Capped: the backlog equals somaxconn (the application asked for at least that).
     lw = ListenWindow(30.0, overflows=5, socket_drops={443: 5}, sample=sample(rows, somaxconn=128))
-    assert ls.culprits(lw)[0].capped is True
+    assert culprits(lw)[0].capped is True
     lw = ListenWindow(30.0, overflows=5, socket_drops={443: 5}, sample=sample(rows, somaxconn=None))
-    assert ls.culprits(lw)[0].capped is None
+    assert culprits(lw)[0].capped is None
 
 
 def test_recommended_backlog_and_somaxconn():
-    assert ls.recommended_backlog(1, 4096) == 128       # at least 128
-    assert ls.recommended_backlog(50, 4096) == 256      # 4 x 51 = 204 -> 256
-    assert ls.recommended_backlog(128, 4096) == 1024    # 4 x 129 = 516 -> 1024
-    assert ls.recommended_backlog(2000, 4096) == 4096   # no more than somaxconn allows
-    assert ls.recommended_backlog(1, None) == 128
-    assert ls.recommended_somaxconn(16) == 4096 and ls.recommended_somaxconn(4096) == 8192
+    assert thresholds.recommended_backlog(1, 4096) == 128       # at least 128
+    assert thresholds.recommended_backlog(50, 4096) == 256      # 4 x 51 = 204 -> 256
+    assert thresholds.recommended_backlog(128, 4096) == 1024    # 4 x 129 = 516 -> 1024
+    assert thresholds.recommended_backlog(2000, 4096) == 4096   # no more than somaxconn allows
+    assert thresholds.recommended_backlog(1, None) == 128
+    assert thresholds.recommended_somaxconn(16) == 4096 and thresholds.recommended_somaxconn(4096) == 8192
 
 
 def test_remediation_names_the_right_knob():
-    free = ls.Culprit(L(9641, 2, 1), 200, {}, [(7, "python3")], False, "socket drops")
-    fix = ls.remediation([free], 4096)
+    free = Culprit(L(9641, 2, 1), 200, {}, [(7, "python3")], False, "socket drops")
+    fix = remedies.listen_overflow([free], 4096)
     assert fix[0].startswith("198.18.0.1:9641 (python3, pid 7): raise its listen() backlog from 1 to 128")
     assert "somaxconn=4096 does not cap it, no sysctl helps" in fix[0]
     assert not any(f.startswith("sysctl") for f in fix)
     assert fix[1] == "ss -ltnp 'sport = :9641'   # Recv-Q above Send-Q: its accept queue is full"
-    capped = ls.Culprit(L(8080, 17, 16), 50, {}, None, True, "socket drops")
-    fix = ls.remediation([capped, free], 16)
+    capped = Culprit(L(8080, 17, 16), 50, {}, None, True, "socket drops")
+    fix = remedies.listen_overflow([capped, free], 16)
     assert fix[0] == "sysctl -w net.core.somaxconn=4096"
     assert fix[1].startswith("198.18.0.1:8080: its backlog 16 is capped by somaxconn; after the sysctl "
                              "it must call listen() again with a backlog of 4096")
     assert fix[2].startswith("198.18.0.1:9641 (python3, pid 7): raise its listen() backlog from 1 to 16")
     # somaxconn lowered after listen(): the backlog is above it, and no backlog advice helps.
-    above = ls.Culprit(L(8080, 4001, 4000), 5, {}, None, False, "socket drops")
-    assert ls.remediation([above], 1024)[0] == (
+    above = Culprit(L(8080, 4001, 4000), 5, {}, None, False, "socket drops")
+    assert remedies.listen_overflow([above], 1024)[0] == (
         "198.18.0.1:8080: its backlog 4000 is already at or above what somaxconn=1024 allows; make it "
         "accept() faster (more workers, nothing slow on the accept path)")
-    generic = ls.remediation([], 4096)
+    generic = remedies.listen_overflow([], 4096)
     assert generic[0].startswith("ss -ltnp | awk") and not any("somaxconn" in f for f in generic)
