@@ -13,10 +13,12 @@
  *   softirq_napi   hash by device name: polls with work == budget (bounded; when it is full
  *                  the poll is counted in softirq_napi_over and in dpw_errors)
  *
+ * Constants shared with Python (SOFTIRQ_HIST_SLOTS, the vector and device-name sizes, the
+ * parameter defaults) are in bpf/softirq.h, which the manager puts in front of this file.
+ *
  * Parameters (-D, set by probes/softirq/probe.py):
  *   SOFTIRQ_RAW          1: raw tracepoints for the irq events, 0: tracepoints
  *   SOFTIRQ_NVEC         vectors the running kernel names (softirq_entry's format)
- *   SOFTIRQ_HIST_SLOTS   log2 latency buckets (slot s holds latencies below 2^s ns)
  *   SOFTIRQ_NAPI_MAX     devices in softirq_napi
  *   SOFTIRQ_SAMPLE       a power of two N: every run is counted, but only every Nth run of a
  *                        vector on a CPU is timed (and its raise-to-run latency taken), with
@@ -28,19 +30,22 @@
 #define SOFTIRQ_RAW 0
 #endif
 #ifndef SOFTIRQ_NVEC
-#define SOFTIRQ_NVEC 10
+#define SOFTIRQ_NVEC SOFTIRQ_NVEC_DEFAULT
 #endif
-#ifndef SOFTIRQ_HIST_SLOTS
-#define SOFTIRQ_HIST_SLOTS 32
+#if SOFTIRQ_NVEC > SOFTIRQ_NVEC_MAX
+#error "SOFTIRQ_NVEC is above SOFTIRQ_NVEC_MAX"
 #endif
 #if SOFTIRQ_HIST_SLOTS & (SOFTIRQ_HIST_SLOTS - 1)
 #error "SOFTIRQ_HIST_SLOTS must be a power of two (the index is masked with it)"
 #endif
 #ifndef SOFTIRQ_NAPI_MAX
-#define SOFTIRQ_NAPI_MAX 256
+#define SOFTIRQ_NAPI_MAX SOFTIRQ_NAPI_MAX_DEFAULT
 #endif
 #ifndef SOFTIRQ_SAMPLE
-#define SOFTIRQ_SAMPLE 8
+#define SOFTIRQ_SAMPLE SOFTIRQ_SAMPLE_DEFAULT
+#endif
+#if SOFTIRQ_SAMPLE & (SOFTIRQ_SAMPLE - 1)
+#error "SOFTIRQ_SAMPLE must be a power of two (run numbers are masked with it)"
 #endif
 
 struct softirq_cur {
@@ -61,7 +66,7 @@ struct softirq_vec_stat {
 BPF_PERCPU_ARRAY(softirq_vec, struct softirq_vec_stat, SOFTIRQ_NVEC);
 
 struct softirq_dev {
-    char name[16];   /* IFNAMSIZ */
+    char name[SOFTIRQ_DEV_NAME_LEN];   /* IFNAMSIZ */
 };
 BPF_HASH(softirq_napi, struct softirq_dev, u64, SOFTIRQ_NAPI_MAX);
 BPF_PERCPU_ARRAY(softirq_napi_over, u64, 1);
