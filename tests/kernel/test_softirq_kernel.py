@@ -29,7 +29,8 @@ from dpwatch.daemon.collector import make_registry
 from dpwatch.daemon.config import Config
 from dpwatch.daemon.service import Daemon
 from dpwatch.probes.base import Window
-from dpwatch.probes.softirq.probe import NO_DEVICE, backlog_suggestion
+from dpwatch.probes.softirq.findings import backlog_suggestion
+from dpwatch.probes.softirq.load import NO_DEVICE
 from netlab import in_netns, sh, socket_in
 
 CPUS = sorted(os.sched_getaffinity(0))
