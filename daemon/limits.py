@@ -77,8 +77,11 @@ class SeriesLimiter:
                     fam.admitted[k] = now
                     fam.admitted.move_to_end(k)
             new.sort(key=lambda k: -sum(s.value for s in series[k]))
+            other = (OTHER,) * len(label_names)
             for k in new:
-                if len(fam.admitted) < self.max_series and k != (OTHER,) * len(label_names):
+                if k == other:  # the probe's own "other" (e.g. DNS servers past --dns-top-servers):
+                    fold.append(k)  # it joins the folded series, and nothing overflowed
+                elif len(fam.admitted) < self.max_series:
                     fam.admitted[k] = now
                     keep.append(k)
                 else:

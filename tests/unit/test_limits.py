@@ -42,6 +42,18 @@ def test_cap_keeps_the_largest_and_folds_the_rest_into_other():
     assert lim.overflow() == {"dpwatch_test_things": 2}
 
 
+def test_a_probes_own_other_series_is_not_an_overflow():
+    """DNS labels servers past --dns-top-servers "other" itself: under the cap that series is
+    kept as it is and nothing counts as folded; over the cap the folded ones join it."""
+    lim = SeriesLimiter(3)
+    out = lim.apply(family({("a", "x"): 5, (OTHER, OTHER): 7}))
+    assert series(out) == {("a", "x"): 5, (OTHER, OTHER): 7}
+    assert lim.overflow().get("dpwatch_test_things", 0) == 0
+    out = lim.apply(family({("a", "x"): 5, ("b", "x"): 4, ("c", "x"): 3, ("d", "x"): 2, (OTHER, OTHER): 7}))
+    assert series(out) == {("a", "x"): 5, ("b", "x"): 4, ("c", "x"): 3, (OTHER, OTHER): 9}
+    assert lim.overflow()["dpwatch_test_things"] == 1  # d only
+
+
 def test_admission_is_sticky_and_overflow_counts_distinct_label_sets():
     lim = SeriesLimiter(2)
     lim.apply(family({("a", "x"): 10, ("b", "x"): 9, ("c", "x"): 1}))
