@@ -1,7 +1,7 @@
 """The triage report: every active probe's findings over a window, reasoned across probes,
 ranked, and rendered.
 
-- report.py: build_report() (the report as a dict), EXIT_CODES, node_name();
+- report.py: build_report() (the report as a dict), EXIT_CODES (node_name() is daemon/host/node.py's);
 - rules.py (+ frag_rules.py): the cross-probe rules, one function per correlation, in RULES'
   order, over board.py (the findings under reasoning, folding, the score) and evidence.py
   (typed views of the probes' evidence the rules read);
@@ -11,7 +11,8 @@ ranked, and rendered.
 
 from dpwatch.daemon.triage.board import score
 from dpwatch.daemon.triage.frag_rules import ICMP_CAVEAT
-from dpwatch.daemon.triage.report import EXIT_CODES, build_report, node_name
+from dpwatch.daemon.host.node import node_name
+from dpwatch.daemon.triage.report import EXIT_CODES, build_report
 from dpwatch.daemon.triage.rules import RULES, TRIAGE_FINDING_IDS, correlate
 from dpwatch.daemon.triage.series import build_series
 from dpwatch.daemon.triage.text import SHELL_COMMANDS, render_text

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
-import socket
 import time
 from typing import Any
 
+from dpwatch.daemon.host.node import node_name
 from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.daemon.triage.board import score
 from dpwatch.daemon.triage.rules import correlate
@@ -25,13 +24,6 @@ from dpwatch.probes.base import SEVERITY_RANK, ContradictionError, Finding, Wind
 log = logging.getLogger("dpwatch.triage")
 
 EXIT_CODES = {"ok": 0, "warning": 1, "critical": 2}
-
-
-def node_name() -> str:
-    """The node as Kubernetes names it: NODE_NAME (the DaemonSet sets it from the downward
-    API; with hostNetwork the hostname is usually the same, but not on every cloud), else the
-    hostname."""
-    return os.environ.get("NODE_NAME", "").strip() or socket.gethostname()
 
 
 class _Diagnosis:
