@@ -9,17 +9,12 @@
  * IPv6 "packet too big" has no tracepoint; user space reads it from /proc/net/snmp6.
  *
  * Parameters (-D, set by probes/mtu/probe.py):
- *   MTU_RECENT_MAX       LRU entries of recent frag-needed by (direction, destination, MTU)
+ *   MTU_RECENT_MAX       LRU entries of recent frag-needed by (direction, destination, MTU);
+ *                        its default is in bpf/mtu.h
  *   MTU_KPROBE           compile the icmp_unreach kprobe
  *   MTU_ERR_RECENT       error slot in dpw_errors
  */
-#ifndef MTU_RECENT_MAX
-#define MTU_RECENT_MAX 256
-#endif
-
-#define MTU_EV_SENT 0
-#define MTU_EV_RECEIVED 1
-#define MTU_EVENTS 2
+/* MTU_EV_*, MTU_EVENTS and MTU_RECENT_MAX's default: bpf/mtu.h */
 
 BPF_PERCPU_ARRAY(mtu_events, u64, MTU_EVENTS);
 

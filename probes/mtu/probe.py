@@ -1,12 +1,14 @@
 """mtu: the MTU audit (misconfigurations that make black holes) and ICMP frag-needed traffic.
 
-- Audit (probes/mtu/audit.py, pyroute2 netlink): every link's kind, MTU and lower device,
+- Audit (pyroute2 netlink: probes/mtu/netlink.py and snapshot.py read, audit.py judges): every
+  link's kind, MTU and lower device,
   overlay overhead, route MTUs and cached PMTU exceptions; veth pairs with unequal ends
   (across netns), tunnels bigger than their underlay can carry, bridge ports that differ,
   pod MTUs above the node's overlay MTU. Run on the sampler thread every
   --mtu-audit-interval, never in a request.
 - Frag-needed sent (IPv4): tracepoint icmp:icmp_send (bpf/mtu.c). Received (IPv4): kprobe on
   icmp_unreach in kprobe mode. IPv6 packet-too-big: /proc/net/snmp6 (no hook exists).
+- Findings: probes/mtu/findings.py (one function per finding id).
 """
 
 from __future__ import annotations
@@ -20,18 +22,25 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from dpwatch.probes.mtu import audit as mtuaudit
 from dpwatch.daemon.host.snmp import SnmpFiles
 from dpwatch.probes.mtu import params as params_mod
+from dpwatch.probes.mtu import charts
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
+from dpwatch.daemon.host import paths
+from dpwatch.probes import cdefs
+from dpwatch.probes.mtu import findings
+from dpwatch.probes.mtu.audit import audit
+from dpwatch.probes.mtu.findings import ICMP_CAVEAT  # noqa: F401  (triage's import)
+from dpwatch.probes.mtu.model import Issue, Snapshot
+from dpwatch.probes.mtu.peers import peer_read_mode, peers_changed
+from dpwatch.probes.mtu.snapshot import collect as collect_snapshot
 
 log = logging.getLogger("dpwatch.mtu")
-DIRS = ("sent", "received")  # index = MTU_EV_* in bpf/mtu.c
+DIRS = cdefs.names_by_value("mtu.h", "MTU_EV_", "MTU_EVENTS")  # ("sent", "received"): MTU_EV_*
+EV = cdefs.defines("mtu.h")
 LINK_SETTLE = 1.0       # re-audit once link events have been quiet this long (s) ...
 LINK_MAX_WAIT = 5.0     # ... or this long after the first one, whichever comes first
 PEER_POLL = 4.5         # least time between two polls of the far ends read by nsid (s)
-# The last sentence of mtu.pmtu_frag_needed's summary; triage drops it once it sees the ICMP dropped.
-ICMP_CAVEAT = " If anything on the path drops ICMP, this becomes a black hole."
 
 
 def decode_recent(key, value, now_ns: int) -> dict:
@@ -46,6 +55,7 @@ class MtuProbe(Probe):
     bpf_source = "mtu.c"
     description = "MTU audit (veth/bridge/overlay mismatches, route MTUs, PMTU cache) and ICMP frag-needed"
     finding_ids = ('mtu.mismatch', 'mtu.pmtu_frag_needed')
+    chart_series = charts.SERIES
     params, param_group = params_mod.PARAMS, params_mod.GROUP
     modes = (
         Mode("kprobe", (Hook("tracepoint", "icmp:icmp_send"), Hook("kprobe", "icmp_unreach"),
@@ -54,7 +64,7 @@ class MtuProbe(Probe):
         Mode("tracepoint", (Hook("tracepoint", "icmp:icmp_send"),),
              "audit and frag-needed sent (icmp:icmp_send); IPv4 frag-needed received is not "
              "counted without kprobes", degraded=True),
-        Mode("audit", (Hook("procfs", "/proc/net/snmp"),),
+        Mode("audit", (Hook("procfs", paths.proc("net", "snmp")),),
              "audit and snmp counters only (no icmp:icmp_send tracepoint)", degraded=True, bpf=False),
     )
     error_slots = {"MTU_ERR_RECENT": "mtu_recent"}
@@ -62,8 +72,8 @@ class MtuProbe(Probe):
     def __init__(self, config: Any):
         super().__init__(config)
         self.files: SnmpFiles | None = None
-        self.audit_snapshot: mtuaudit.Snapshot | None = None
-        self.issues: list[mtuaudit.Issue] = []
+        self.audit_snapshot: Snapshot | None = None
+        self.issues: list[Issue] = []
         self.audit_error = ""
         self._audit_at = 0.0
         self._route_mtu: dict[str, int | None] = {}
@@ -94,7 +104,7 @@ class MtuProbe(Probe):
         self.own_ino = own_inode()
         # pyroute2's sync API must be called from inside the netns: route lookups and the
         # audit run on a worker thread that lives in the daemon's (attaching thread's) netns.
-        self._worker = NetnsWorker("/proc/thread-self/ns/net", name="dpwatch-mtu")
+        self._worker = NetnsWorker(paths.proc("thread-self", "ns", "net"), name="dpwatch-mtu")
 
         def _open():
             from pyroute2 import IPRoute
@@ -128,10 +138,10 @@ class MtuProbe(Probe):
     # -- the audit, on the sampler thread -------------------------------------------------
     def run_audit(self) -> None:
         try:
-            snap = self._worker.call(lambda: mtuaudit.collect(
+            snap = self._worker.call(lambda: collect_snapshot(
                 all_netns=bool(self.config.mtu_all_netns), max_netns=int(self.config.mtu_max_netns),
                 workers=self._audit_workers), timeout=60)
-            issues = mtuaudit.audit(snap)
+            issues = audit(snap)
             err = ""
         except Exception as exc:  # an audit failure must not take the probe down
             log.warning("MTU audit failed: %s", exc)
@@ -159,7 +169,7 @@ class MtuProbe(Probe):
         elif snap is not None and snap.netns_ids and now - self._polled_at >= PEER_POLL:
             self._polled_at = now
             try:
-                if self._worker.call(lambda: mtuaudit.peers_changed(snap)):
+                if self._worker.call(lambda: peers_changed(snap)):
                     reason = "peer_change"
             except Exception as exc:
                 log.debug("mtu peer poll: %s", exc)
@@ -203,9 +213,9 @@ class MtuProbe(Probe):
         info: dict[str, Any] = {}
         if self.mode.bpf and self.module is not None:
             ev = self.table("mtu_events")
-            fn[("ipv4", "sent")] = int(sum(ev[ev.Key(0)]))
+            fn[("ipv4", "sent")] = int(sum(ev[ev.Key(EV["MTU_EV_SENT"])]))
             if self.mode.name == "kprobe":
-                fn[("ipv4", "received")] = int(sum(ev[ev.Key(1)]))
+                fn[("ipv4", "received")] = int(sum(ev[ev.Key(EV["MTU_EV_RECEIVED"])]))
             now = time.monotonic_ns()
             recent = [decode_recent(k, v, now) for k, v in self.table("mtu_recent").items()]
             recent.sort(key=lambda r: r["seconds_ago"])
@@ -255,76 +265,14 @@ class MtuProbe(Probe):
                 "all_netns": bool(self.config.mtu_all_netns),
                 "audit_error": self.audit_error, "mismatches": len(self.issues),
                 # the far ends of the daemon's veths: how they were read, how many were not
-                "peer_read": mtuaudit.peer_read_mode(snap, bool(self.config.mtu_all_netns)),
+                "peer_read": peer_read_mode(snap, bool(self.config.mtu_all_netns)),
                 **{f"peers_{k}": (snap.peers if snap else {}).get(k, 0) for k in ("read", "refused", "unnamed")},
                 "peer_error": (snap.peers if snap else {}).get("error", ""),
                 "link_watch": self._link_watch.state if self._link_watch else "not started",
                 "audits": dict(self.audits)}
 
-    # -- findings -----------------------------------------------------------------------------
-    def _mismatch_evidence(self, issue: mtuaudit.Issue) -> dict:
-        out = {"kind": issue.kind, "devices": issue.devices, "overhead": issue.overhead,
-               "safe_mtu": issue.safe_mtu}
-        if issue.kind == "veth_mismatch" and issue.devices:
-            # The bigger end in the daemon's netns: what the node itself sends through it over
-            # the smaller MTU is dropped at the far end (its UDP senders see ENOBUFS).
-            big = max(issue.devices, key=lambda d: d["mtu"])
-            out["node_end_bigger"] = big.get("netns") is not None and big.get("netns") == self.own_ino
-        return out
-
+    # -- findings (probes/mtu/findings.py) -------------------------------------------------
     def diagnose(self, window: Window) -> list[Finding]:
-        findings: list[Finding] = []
-        info = window.new.get("info", {})
-        issues: list[mtuaudit.Issue] = info.get("issues", [])
-        if issues:
-            safe = min((i.safe_mtu for i in issues if i.safe_mtu), default=None)
-            remediation: list[str] = []
-            for issue in issues:
-                for step in issue.remediation:
-                    if step not in remediation:
-                        remediation.append(step)
-            if safe and not any("Cilium" in r or "Calico" in r or "Flannel" in r for r in remediation):
-                overhead = next((i.overhead for i in issues if i.safe_mtu == safe and i.overhead), None)
-                remediation += mtuaudit.cni_remediation(safe, overhead)
-            findings.append(Finding(
-                id="mtu.mismatch", probe=self.name, severity="critical",
-                title="MTU mismatch: packets can vanish (black hole)",
-                summary=(f"The MTU audit found {len(issues)} problem(s): " +
-                         " ".join(i.summary for i in issues[:3]) +
-                         (" ..." if len(issues) > 3 else "") +
-                         " Packets bigger than the smallest MTU on the path are dropped silently or "
-                         "fragmented: connections hang on large transfers while small ones work."),
-                evidence={"mismatches": [self._mismatch_evidence(i) for i in issues[:10]],
-                          "safe_mtu": safe},
-                claims=("mismatches",), remediation=remediation[:16],
-                impact=float(len(issues))))
-        fn = window.delta("frag_needed")
-        total = int(sum(fn.values()))
-        if total:
-            recent = [r for r in info.get("recent", []) if r["seconds_ago"] <= window.seconds]
-            shown = []
-            for r in recent[:8]:
-                mtu = r["mtu"] if r["direction"] == "received" else self.route_mtu(r["dst"])
-                shown.append({"direction": r["direction"], "dst": r["dst"], "mtu": mtu, "count": r["count"]})
-            pmtu = [p for p in info.get("pmtu", [])][:8]
-            announced = sorted({s["mtu"] for s in shown if s["mtu"]} | {p["mtu"] for p in pmtu if p.get("mtu")})
-            findings.append(Finding(
-                id="mtu.pmtu_frag_needed", probe=self.name, severity="warning",
-                title="Path MTU discovery at work: frag-needed / packet-too-big",
-                summary=(f"{total} ICMP frag-needed/packet-too-big messages in {window.seconds:.0f}s "
-                         f"(" + ", ".join(f"{fam} {d}: {int(n)}" for (fam, d), n in sorted(fn.items()) if n) +
-                         "). A path has a smaller MTU than senders use" +
-                         (f" (announced: {', '.join(map(str, announced))})" if announced else "") +
-                         "." + ICMP_CAVEAT),
-                evidence={"frag_needed": {f"{fam}_{d}": int(n) for (fam, d), n in sorted(fn.items())},
-                          "recent": shown, "pmtu_cache": pmtu, "announced_mtus": announced,
-                          "window_seconds": round(window.seconds, 1)},
-                claims=("frag_needed",),
-                remediation=[
-                    "set the sending side's MTU to the announced MTU (or lower): ip link set dev <dev> mtu "
-                    + (str(min(announced)) if announced else "<announced>"),
-                    "ip route get <dst>   # shows the cached PMTU exception for a destination",
-                    "never block ICMP type 3 code 4 / ICMPv6 type 2 in firewalls or security groups",
-                ],
-                impact=window.rate(total)))
-        return findings
+        found = (findings.mismatch(window, self.own_ino),
+                 findings.pmtu_frag_needed(window, self.route_mtu))
+        return [f for f in found if f is not None]

@@ -19,13 +19,17 @@ import pytest
 
 from dpwatch.daemon.host import linkpeer
 from dpwatch.daemon.host import netns as netns_mod
-from dpwatch.probes.mtu.audit import audit, collect, peer_read_mode, peers_changed
+from dpwatch.probes.mtu.audit import audit
+from dpwatch.probes.mtu.peers import peer_read_mode, peers_changed
+from dpwatch.probes.mtu.snapshot import collect
 from netlab import Lab, sh
 from test_mtuaudit_kernel import ino, lab_issues
 
 PROBE = """
 import json
-from dpwatch.probes.mtu.audit import audit, collect, peer_read_mode
+from dpwatch.probes.mtu.audit import audit
+from dpwatch.probes.mtu.peers import peer_read_mode
+from dpwatch.probes.mtu.snapshot import collect
 snap = collect(all_netns=False)
 print(json.dumps({"peers": snap.peers, "mode": peer_read_mode(snap, False),
                   "issues": [{"devices": i.devices, "remediation": i.remediation, "summary": i.summary}

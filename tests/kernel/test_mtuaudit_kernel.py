@@ -16,7 +16,9 @@ import socket
 import time
 
 from dpwatch.daemon.host import netns as netns_mod
-from dpwatch.probes.mtu.audit import audit, cni_remediation, collect
+from dpwatch.probes.mtu.audit import audit
+from dpwatch.probes.mtu.remediation import cni_remediation
+from dpwatch.probes.mtu.snapshot import collect
 from netlab import Lab, in_netns, sh
 
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2          # not in Python 3.11's socket module

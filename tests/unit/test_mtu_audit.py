@@ -1,6 +1,6 @@
-"""Unit tests for the MTU audit's pure half: overlay_overhead(), audit() and cni_remediation()
-on Snapshots built by hand (no root, no netlink). Inode numbers are small made-up values;
-NODE is the daemon's own netns."""
+"""Unit tests for the MTU audit's pure parts: overlay_overhead(), audit() and cni_remediation()
+on Snapshots built by hand, and Snapshots assembled from netlink records (no root, no
+netlink). Inode numbers are small made-up values; NODE is the daemon's own netns."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import socket
 
 import pytest
 
-from dpwatch.probes.mtu.audit import (Issue, Link, Snapshot, _assemble, audit, cni_remediation,
-                                     effective_overlay_mtu, overlay_overhead, peer_read_mode, skipped_overlays)
+from dpwatch.daemon.host import paths
+from dpwatch.probes import encap
+from dpwatch.probes.mtu.audit import audit, effective_overlay_mtu, overlay_overhead, skipped_overlays
+from dpwatch.probes.mtu.model import Issue, Link, Snapshot
+from dpwatch.probes.mtu.peers import peer_read_mode
+from dpwatch.probes.mtu.remediation import cni_remediation
+from dpwatch.probes.mtu.snapshot import _assemble
 
 NODE, POD1, POD2, PROCNS, NOPATH = 100, 201, 202, 300, 400
 PATHS = {NODE: "/run/netns/node", POD1: "/run/netns/pod1", POD2: "/run/netns/pod2",
@@ -105,6 +110,26 @@ def test_veth_mismatch_fix_runs_in_the_bigger_ends_netns():
     (issue,) = audit(snap([a, b]))
     assert issue.safe_mtu == 1400
     assert issue.remediation == ["ip netns exec pod1 ip link set dev eth0 mtu 1400"]
+
+
+def test_netns_paths_under_another_proc_root():
+    """With the host's /proc mounted elsewhere (DPWATCH_PROC_ROOT), the audit still names the
+    pid of a /proc/PID/ns/net path and enters it with nsenter."""
+    a, b = veth_pair(PROCNS, 3, "eth0", 9000, NODE, 7, "veth7", 1500)
+    s = snap([a, b])
+    s.netns_paths[PROCNS] = "/host/proc/4242/ns/net"
+    with paths.roots(proc_root="/host/proc"):
+        (issue,) = audit(s)
+    assert issue.remediation == ["nsenter --net=/host/proc/4242/ns/net ip link set dev eth0 mtu 1500"]
+    assert "eth0 (the netns of pid 4242, MTU 9000)" in issue.summary
+
+
+def test_encap_overheads():
+    assert [encap.overhead(k) for k in ("vxlan", "geneve", "ipip", "gre", "ip6gre", "ip6tnl", "wireguard")] == [
+        50, 50, 20, 24, 44, 40, 60]
+    assert (encap.overhead("vxlan", V6), encap.overhead("wireguard", V6), encap.overhead("ipip", V6)) == (70, 80, 20)
+    assert encap.overhead("veth") is None and encap.overhead("bridge", V4) is None
+    assert overlay_overhead(link(NODE, 1, "gretap0", "gretap", 1500)) == encap.overhead("gretap") == 38
 
 
 def test_veth_mismatch_proc_path_uses_nsenter_and_unknown_path_says_so():
