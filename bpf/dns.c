@@ -29,7 +29,8 @@
  *   DNS_PENDING_MAX        LRU entries of outstanding queries
  *   DNS_SERVERS_MAX        LRU entries of per-server counters
  *   DNS_NAMES_MAX          LRU entries of recent names (0: no names kept, privacy mode off)
- *   DNS_DEDUP_NS           window in which a second sighting is the same packet
+ *   DNS_DEDUP_NS           window in which a second sighting is the same packet (its
+ *                          default, the sizes and the stats slots: bpf/dns.h)
  *   DNS_ERR_PENDING, DNS_ERR_SERVERS, DNS_ERR_NAMES, DNS_ERR_SEEN  error slots in dpw_errors
  */
 #include <uapi/linux/if_ether.h>
@@ -69,32 +70,9 @@
 #ifndef DNS_NAMES_MAX
 #define DNS_NAMES_MAX 1024
 #endif
-#ifndef DNS_DEDUP_NS
-#define DNS_DEDUP_NS 100000000ULL
-#endif
 
-#define DNS_HDR 12
-#define DNS_NAME_LEN 128       /* wire bytes of a name kept in the names LRU */
-#define DNS_NAME_WIRE_MAX 255  /* RFC 1035: a name is at most 255 bytes on the wire */
-#define DNS_MAX_LABELS 128     /* 127 one-byte labels fill 255 bytes: the loop bound */
-#define DNS_RCODES 16
-#define DNS_BUCKETS 17         /* le 0.25 ms * 2^b for b = 0..15 (8.192 s), then overflow */
-#define DNS_BUCKET_NS 250000ULL
 #define DNS_SEEN_HEAD 32       /* payload bytes that tell two malformed datagrams apart */
-#define DNS_QTYPES 260         /* qtype values 0..258 by value, 259 = any larger qtype */
-
-/* stats slots (dns_stats) */
-#define DNS_ST_QUERIES 0
-#define DNS_ST_RESPONSES 1
-#define DNS_ST_UNMATCHED 2
-#define DNS_ST_MALFORMED 3
-#define DNS_ST_DUP_QUERY 4
-#define DNS_ST_DUP_RESPONSE 5
-#define DNS_ST_RETRANSMIT 6
-#define DNS_ST_PACKETS 7
-#define DNS_ST_UNREADABLE 8
-#define DNS_ST_DUP_MALFORMED 9
-#define DNS_STATS 16
+/* DNS_DEDUP_NS, the sizes and the DNS_ST_* stats slots are in bpf/dns.h */
 
 struct dns_key {
     u8 client[16];
@@ -207,7 +185,7 @@ static __always_inline void dns_malformed(struct __sk_buff *skb, struct dns_seen
     }
     u64 *seen = dns_seen.lookup(sk);
     if (seen && now - *seen < DNS_DEDUP_NS) {
-        dns_stat(DNS_ST_DUP_MALFORMED);
+        dns_stat(DNS_ST_DUPLICATE_MALFORMED);
         return;
     }
     if (dns_seen.update(sk, &now) != 0)
@@ -370,11 +348,11 @@ static __always_inline int dns_handle(struct __sk_buff *skb)
         struct dns_pending *p = dns_pending.lookup(&key);
         if (p) {
             if (p->answered_ns == 0 && now - p->ts < DNS_DEDUP_NS) {
-                dns_stat(DNS_ST_DUP_QUERY);       /* the same query on another interface */
+                dns_stat(DNS_ST_DUPLICATE_QUERIES);  /* the same query on another interface */
                 return 0;
             }
             if (p->answered_ns == 0)
-                dns_stat(DNS_ST_RETRANSMIT);      /* sent again before an answer: a new query */
+                dns_stat(DNS_ST_RETRANSMITS);        /* sent again before an answer: a new query */
         }
         struct dns_pending nv = {};
         nv.ts = now;
@@ -406,9 +384,9 @@ static __always_inline int dns_handle(struct __sk_buff *skb)
     }
     if (p->answered_ns) {
         if (now - p->answered_ns < DNS_DEDUP_NS)
-            dns_stat(DNS_ST_DUP_RESPONSE);        /* the same response on another interface */
+            dns_stat(DNS_ST_DUPLICATE_RESPONSES);  /* the same response on another interface */
         else
-            dns_stat(DNS_ST_UNMATCHED);           /* a second answer, later: unmatched */
+            dns_stat(DNS_ST_UNMATCHED);            /* a second answer, later: unmatched */
         return 0;
     }
     p->answered_ns = now;

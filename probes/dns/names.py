@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
+from dpwatch.probes.cdefs import defines
+
 # RFC 1035 and later registrations (IANA "Resource Record (RR) TYPEs"): protocol constants.
 QTYPE_NAMES = {
     1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX", 16: "TXT",
@@ -32,14 +34,19 @@ RCODE_NAMES = {
     0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
     6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE", 11: "DSOTYPENI",
 }
-QTYPE_SLOTS = 260          # bpf/dns.c DNS_QTYPES: values 0..258 by value, 259 = larger ones
+# The sizes the kernel side uses, from the header both sides read (bpf/dns.h).
+_H = defines("dns.h")
+HEADER_LEN = _H["DNS_HDR"]           # 12
+QTYPE_SLOTS = _H["DNS_QTYPES"]       # values 0..258 by value, 259 = larger ones
 QTYPE_OTHER_SLOT = QTYPE_SLOTS - 1
-RCODES = 16
-BUCKETS = 17               # bpf/dns.c DNS_BUCKETS: 16 finite buckets and the overflow
-BUCKET_BOUNDS = tuple(0.00025 * 2 ** b for b in range(BUCKETS - 1))  # seconds: 0.25 ms .. 8.192 s
-NAME_WIRE_MAX = 255
+RCODES = _H["DNS_RCODES"]            # 16
+BUCKETS = _H["DNS_BUCKETS"]          # 16 finite buckets and the overflow
+BUCKET_NS = _H["DNS_BUCKET_NS"]      # 250 us: the first bucket's bound
+BUCKET_BOUNDS = tuple(BUCKET_NS / 1e9 * 2 ** b for b in range(BUCKETS - 1))  # seconds: 0.25 ms .. 8.192 s
+NAME_WIRE_MAX = _H["DNS_NAME_WIRE_MAX"]  # 255
+MAX_LABELS = _H["DNS_MAX_LABELS"]    # the label loop's bound: 127 one-byte labels fill 255 bytes
 LABEL_MAX = 63
-NAME_KEEP = 128            # bpf/dns.c DNS_NAME_LEN
+NAME_KEEP = _H["DNS_NAME_LEN"]       # 128 wire bytes of a name kept in the names LRU
 PRIVACY_MODES = ("full", "suffix", "hashed", "off")
 
 
@@ -79,8 +86,8 @@ def parse(payload: bytes, sport: int = 12345, dport: int = 53, ports: Iterable[i
     """What bpf/dns.c makes of one UDP payload between ``sport`` and ``dport``: a Message, or
     Malformed with the rule that rejected it. The kernel applies exactly these rules."""
     ports = set(ports)
-    if len(payload) < 12:
-        raise Malformed("shorter than the 12-byte header")
+    if len(payload) < HEADER_LEN:
+        raise Malformed(f"shorter than the {HEADER_LEN}-byte header")
     ident, flags, qdcount = struct.unpack("!HHH", payload[:6])
     qr, opcode, rcode = flags >> 15, (flags >> 11) & 0xF, flags & 0xF
     if qdcount > 1 or (qr == 0 and qdcount == 0):
@@ -91,8 +98,8 @@ def parse(payload: bytes, sport: int = 12345, dport: int = 53, ports: Iterable[i
         raise Malformed("a response from a port that is not a DNS port")
     if qdcount == 0:
         return Message(ident, qr, opcode, rcode, 0, None, b"")
-    pos = 12
-    for _ in range(128):
+    pos = HEADER_LEN
+    for _ in range(MAX_LABELS):
         if pos >= len(payload):
             raise Malformed("the name runs past the datagram")
         n = payload[pos]
@@ -102,14 +109,14 @@ def parse(payload: bytes, sport: int = 12345, dport: int = 53, ports: Iterable[i
             raise Malformed("compression pointer or reserved label type in the question"
                             if n & 0xC0 == 0xC0 else f"label length {n} > 63")
         pos += n + 1
-        if pos - 12 + 1 > NAME_WIRE_MAX:
+        if pos - HEADER_LEN + 1 > NAME_WIRE_MAX:
             raise Malformed("name longer than 255 bytes")
     else:
         raise Malformed("more than 127 labels")
     if pos + 5 > len(payload):
         raise Malformed("qtype/qclass cut off")
     qtype = struct.unpack("!H", payload[pos + 1:pos + 3])[0]
-    return Message(ident, qr, opcode, rcode, 1, qtype, payload[12:pos + 1])
+    return Message(ident, qr, opcode, rcode, 1, qtype, payload[HEADER_LEN:pos + 1])
 
 
 def wire_to_text(wire: bytes, full_len: int | None = None) -> str:
@@ -316,6 +323,6 @@ def count_above(buckets: list[float], seconds: float) -> float:
 def bucket_of(seconds: float) -> int:
     """The bucket the kernel puts a latency in (the first with seconds <= bound)."""
     ns = int(round(seconds * 1e9))
-    if ns <= 250000:
+    if ns <= BUCKET_NS:
         return 0
-    return min(((ns - 1) // 250000).bit_length(), BUCKETS - 1)
+    return min(((ns - 1) // BUCKET_NS).bit_length(), BUCKETS - 1)
