@@ -12,7 +12,7 @@ from dpwatch.daemon.config import Config
 from dpwatch.probes.base import ContradictionError, Finding, Window, contradictions
 from dpwatch.probes.dns.probe import DnsProbe
 from dpwatch.probes.sample import binom_sf, p_value, share_exceeds
-from test_dns_logic import reading
+from test_dns_findings import reading
 
 
 def exact_sf(k: int, n: int, p: float) -> float:
