@@ -34,6 +34,7 @@ from dpwatch.probes import cdefs
 from dpwatch.probes.conntrack import findings
 from dpwatch.probes.drops.readings import reason_total
 from dpwatch.probes.conntrack import params as params_mod
+from dpwatch.probes.conntrack import charts
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 log = logging.getLogger("dpwatch.conntrack")
@@ -199,6 +200,7 @@ class ConntrackProbe(Probe):
     bpf_source = "conntrack.c"
     description = "conntrack table fill, drops, early drops and insert failures, with their netns"
     finding_ids = ('conntrack.table_full', 'conntrack.table_pressure', 'conntrack.insert_failed')
+    chart_series = charts.SERIES
     params, param_group = params_mod.PARAMS, params_mod.GROUP
     param_checks = params_mod.CHECKS
     modes = (

@@ -19,6 +19,7 @@ from dpwatch.probes import cdefs
 from dpwatch.probes.drops import findings
 from dpwatch.probes.drops.findings import NOT_DROPS
 from dpwatch.probes.drops import params as params_mod
+from dpwatch.probes.drops import charts
 from dpwatch.probes.base import Finding, Hook, Mode, Probe, Reading, Window
 
 # Protocol class index -> name: DROPS_PCLASS_* of bpf/drops.h ("ipv4", "ipv6", "arp", "other").
@@ -65,6 +66,7 @@ class DropsProbe(Probe):
     bpf_source = "drops.c"
     description = "packet drops by kernel drop reason and protocol, with top drop locations"
     finding_ids = ('drops.socket_receive_buffer', 'drops.listen_overflow', 'drops.netfilter', 'drops.top_reasons')
+    chart_series = charts.SERIES
     params, param_group = params_mod.PARAMS, params_mod.GROUP
     param_checks = params_mod.CHECKS
     modes = (
