@@ -1,6 +1,6 @@
 """Two faults at once: which one ranks first, and why (each docstring says). The ranking is
 the triage report's: severity, then the order of magnitude of the impact, with the
-cross-probe rules of daemon/triage.py.correlate() (docs/findings.md, "Ranking")."""
+cross-probe rules of daemon/triage/rules.py (RULES) (docs/findings.md, "Ranking")."""
 
 from __future__ import annotations
 

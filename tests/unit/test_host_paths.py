@@ -104,13 +104,11 @@ def test_the_host_readers_build_every_proc_and_sys_path_through_paths():
     assert not calls, f"load libc with paths.libc(): {calls}"
 
 
-@pytest.mark.xfail(strict=False, reason="probes converted by other helpers")
 def test_no_hard_coded_proc_or_sys_path_in_daemon_or_probes():
     found = [hit for rel in python_files("daemon", "probes") for hit in literal_paths(rel)]
     assert not found, _report(found, "hard-coded /proc or /sys paths")
 
 
-@pytest.mark.xfail(strict=False, reason="probes converted by other helpers")
 def test_libc_is_loaded_only_by_paths():
     calls = [hit for rel in python_files("daemon", "probes") for hit in cdll_calls(rel)]
     assert not calls, f"load libc with paths.libc(): {calls}"
