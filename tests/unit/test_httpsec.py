@@ -266,12 +266,12 @@ def test_configured_headers_on_every_answer():
 
 def test_every_route_is_read_only():
     from dpwatch.daemon.app import create_app
-    from test_limits import _Features, _Manager
+    from fakes import FakeFeatures, FakeManager
     from dpwatch.daemon.config import Config
 
     class _D:
-        config, features, ready = Config(), _Features(), True
-        manager = _Manager(config, 1)
+        config, features, ready = Config(), FakeFeatures(), True
+        manager = FakeManager({}, config=config)
     app = create_app(_D())
     paths = {}
     for route in app.routes:

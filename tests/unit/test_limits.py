@@ -151,9 +151,6 @@ def _manager(cfg, n):
                        counters={"map_update_errors": {("many", "m"): 3}})
 
 
-_Manager, _Features = _manager, FakeFeatures  # test_httpsec.py imports these names
-
-
 def test_collector_caps_series_and_exports_overflow_and_events_lost():
     cfg = Config()
     cfg.max_series_per_metric = 10
