@@ -13,7 +13,6 @@ import json
 import threading
 import time
 from html.parser import HTMLParser
-from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +22,7 @@ from dpwatch.daemon.triage.html import render_html, sparkline
 from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.probes.base import Finding, Probe
 from dpwatch.probes.charts import ChartSeries
+from fakes import FakeFeatures, FakeManager
 
 
 def F(fid, sev, impact=0.0, **ev) -> Finding:
@@ -318,28 +318,15 @@ class OddProbe(Probe):
                 Finding(id="odd.surprise", probe="odd", severity="info", title="s", summary="s")]
 
 
-class FakeManager:
-    def __init__(self, probe, fresh):
-        self.probe, self.fresh = probe, fresh
-
-    def collect(self, inputs=None):
-        return {"odd": self.fresh, "_manager": {"counters": {}, "gauges": {}}}
-
-    def active(self):
-        return {"odd": self.probe}
-
-    def statuses(self):
-        return [{"name": "odd", "state": "attached", "mode": "m", "reason": "r"}]
-
-
 def test_build_report_flags_undeclared_ids_and_builds_series(caplog):
     ring = SnapshotRing(10)
     now = time.monotonic()
     for i, value in enumerate((0, 10, 40)):  # at now-30, now-20, now-10
         ring.append({"odd": {"counters": {"c": {("k",): value}}, "gauges": {}}}, mono=now - 30 + 10 * i)
     fresh = {"counters": {"c": {("k",): 100}}, "gauges": {}}
-    report = triage.build_report(FakeManager(OddProbe(Config()), fresh), ring, 30.0,
-                                 SimpleNamespace(kernel_release="k"))
+    manager = FakeManager({"odd": OddProbe(Config())}, {"odd": fresh}, modes={"odd": "m"},
+                          reasons={"odd": "r"})
+    report = triage.build_report(manager, ring, 30.0, FakeFeatures(kernel_release="k"))
     assert report["probes"][0]["undeclared_finding_ids"] == ["odd.surprise"]
     assert "undeclared finding ids odd.surprise" in caplog.text
     assert [f["id"] for f in report["findings"]] == ["odd.declared", "odd.surprise"]

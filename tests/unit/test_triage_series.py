@@ -14,6 +14,7 @@ from dpwatch.daemon.snapshots import SnapshotRing
 from dpwatch.daemon.triage.series import MAX_POINTS, build_series, declared
 from dpwatch.probes.charts import ChartSeries, key_is
 from dpwatch.probes.registry import PROBES
+from fakes import FakeFeatures, FakeManager
 
 
 def test_every_probe_declares_its_series_with_unique_ids():
@@ -88,25 +89,12 @@ class _OddProbe:
         return []
 
 
-class _Manager:
-    def __init__(self, fresh):
-        self.fresh = fresh
-
-    def collect(self, inputs=None):
-        return {"odd": self.fresh}
-
-    def active(self):
-        return {"odd": _OddProbe()}
-
-    def statuses(self):
-        return [{"name": "odd", "state": "attached", "mode": "m", "reason": ""}]
-
-
 def test_an_hour_report_charts_the_whole_hour():
     now = time.monotonic()
     ring = _hour_ring(now - 5)  # the last snapshot 5 s ago, the fresh reading now
     fresh = {"counters": {"c": {("k",): 3605}}, "gauges": {}}
-    report = triage.build_report(_Manager(fresh), ring, 3600.0, SimpleNamespace(kernel_release="k"))
+    manager = FakeManager({"odd": _OddProbe()}, {"odd": fresh}, modes={"odd": "m"})
+    report = triage.build_report(manager, ring, 3600.0, FakeFeatures(kernel_release="k"))
     (s,) = report["series"]
     assert report["window_seconds"] > 3500
     assert s["t"][0] < -3000, s["t"][:3]
