@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections import namedtuple
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
@@ -16,6 +14,7 @@ from prometheus_client.registry import CollectorRegistry
 from dpwatch.daemon.config import Config, ConfigError
 from dpwatch.probes.dns import tracking
 from dpwatch.probes.dns.probe import DnsProbe
+from fakes import FakeLruHash, Struct
 from test_dns_findings import probe, reading
 
 
@@ -99,8 +98,12 @@ def test_name_history_windows():
 
 # -- per-server folding and the sweep, over tables shaped like BCC's -----------------------------
 
-PendingKey = namedtuple("PendingKey", "server sport family")
-ServerKey = namedtuple("ServerKey", "addr port family")
+def PendingKey(server: bytes, sport: int, family: int) -> Struct:  # noqa: N802 - struct dns_key
+    return Struct(server=server, sport=sport, family=family)
+
+
+def ServerKey(addr: bytes, port: int, family: int) -> Struct:  # noqa: N802 - struct dns_server_key
+    return Struct(addr=addr, port=port, family=family)
 
 
 def v4(addr: str) -> bytes:
@@ -112,21 +115,18 @@ def server_row(queries: int, latency_ns: int = 0, rcodes: dict | None = None) ->
     rc = [0] * 16
     for i, n in (rcodes or {}).items():
         rc[i] = n
-    half = SimpleNamespace(queries=queries // 2, latency_ns=latency_ns // 2, rcodes=[n // 2 for n in rc])
-    rest = SimpleNamespace(queries=queries - queries // 2, latency_ns=latency_ns - latency_ns // 2,
-                           rcodes=[n - n // 2 for n in rc])
+    half = Struct(queries=queries // 2, latency_ns=latency_ns // 2, rcodes=[n // 2 for n in rc])
+    rest = Struct(queries=queries - queries // 2, latency_ns=latency_ns - latency_ns // 2,
+                  rcodes=[n - n // 2 for n in rc])
     return [half, rest]
-
-
-class Table(dict):
-    """dns_servers / dns_pending as the probe reads them: items(), del."""
 
 
 def test_servers_fold_into_top_labels_and_other():
     folding = tracking.ServerFolding(top=2, entries=256)
-    tbl = Table({ServerKey(v4("10.0.0.1"), 53, 4): server_row(10, 20_000_000, {0: 8, 3: 2}),
-                 ServerKey(v4("10.0.0.2"), 5353, 4): server_row(30),
-                 ServerKey(ipaddress.IPv6Address("fd00::1").packed, 53, 6): server_row(5)})
+    tbl = FakeLruHash({ServerKey(v4("10.0.0.1"), 53, 4): server_row(10, 20_000_000, {0: 8, 3: 2}),
+                       ServerKey(v4("10.0.0.2"), 5353, 4): server_row(30),
+                       ServerKey(ipaddress.IPv6Address("fd00::1").packed, 53, 6): server_row(5)},
+                      per_cpu=True, ncpus=2)
     folding.fold(tbl)
     q, lat, r = folding.counters()
     # the two busiest get labels; the IPv6 one, seen with them, is "other"
@@ -149,10 +149,10 @@ def test_sweep_counts_timeouts_once_and_drops_old_answers():
     now = 10_000_000_000
     old, young = PendingKey(v4("10.96.0.10"), 53, 4), PendingKey(v4("10.96.0.11"), 53, 4)
     answered, fresh = PendingKey(v4("10.96.0.12"), 53, 4), PendingKey(v4("10.96.0.13"), 53, 4)
-    tbl = Table({old: SimpleNamespace(ts=now - 1_500_000_000, answered_ns=0),
-                 young: SimpleNamespace(ts=now - 500_000_000, answered_ns=0),
-                 answered: SimpleNamespace(ts=now - 3_000_000_000, answered_ns=now - 2_000_000_000),
-                 fresh: SimpleNamespace(ts=now - 3_000_000_000, answered_ns=now - 100_000_000)})
+    tbl = FakeLruHash({old: Struct(ts=now - 1_500_000_000, answered_ns=0),
+                       young: Struct(ts=now - 500_000_000, answered_ns=0),
+                       answered: Struct(ts=now - 3_000_000_000, answered_ns=now - 2_000_000_000),
+                       fresh: Struct(ts=now - 3_000_000_000, answered_ns=now - 100_000_000)})
     assert sweep.sweep(tbl, now) == 1
     assert sweep.sweep(tbl, now) == 0
     assert set(tbl) == {young, fresh}

@@ -12,7 +12,6 @@ decoded again before the MTU audit reads them.
 from __future__ import annotations
 
 import shutil
-import types
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from dpwatch.daemon.manager import ProbeManager
 from dpwatch.probes.conntrack import probe as conntrack
 from dpwatch.probes.frag import probe as frag
 from dpwatch.probes.base import Mode, Probe, State
+from fakes import FakeFeatures
 
 FUZZED = {"inputs": 0}  # how many inputs the Hypothesis tests below fed in (printed at the end)
 SETTINGS = settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck), database=None)
@@ -280,7 +280,7 @@ def test_malformed_proc_degrades_one_probe_and_it_recovers(tmp_path):
 def _degrade_and_recover(snmp_file: Path, good_text: str) -> None:
     cfg = Config()
     cfg.probes = ["frag", "steady"]
-    features = types.SimpleNamespace(bcc=False, tracefs=None, kernel_release="test")
+    features = FakeFeatures(kernel_release="test", bcc=False)
     mgr = ProbeManager(cfg, features, probe_classes=(frag.FragProbe, _SteadyProbe))
     mgr.plan()
     mgr.load()

@@ -4,8 +4,6 @@ collect() carrying the node facts the findings use. No root, no BPF."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -17,6 +15,7 @@ from dpwatch.probes.softirq import probe as sq
 from dpwatch.probes.softirq.facts import NodeFacts
 from dpwatch.probes.softirq.histogram import HIST_SLOTS
 from dpwatch.probes.softirq.probe import SoftirqProbe
+from fakes import FakeFeatures, FakeHash, FakeModule, FakePerCpuArray, Struct
 from test_softirq_findings import busy_pair, cfg, quiet_pair, reading
 from test_softirq_procfs import VECTORS
 
@@ -102,8 +101,8 @@ def test_metrics_in_procfs_mode_have_no_bpf_families():
 # -- modes and flags ------------------------------------------------------------------------------
 
 def features(tracepoints):
-    return SimpleNamespace(tracepoints=frozenset(tracepoints), raw_tracepoints=bool(tracepoints),
-                           tracefs=None, has_tracepoint=lambda name: name in tracepoints)
+    return FakeFeatures(tracepoints=frozenset(tracepoints), raw_tracepoints=bool(tracepoints),
+                        tracefs=None, has_tracepoint=lambda name: name in tracepoints)
 
 
 ALL_TPS = {"irq:softirq_entry", "irq:softirq_exit", "irq:softirq_raise", "napi:napi_poll"}
@@ -178,48 +177,25 @@ def test_flags_and_env(monkeypatch, capsys):
 
 # -- reading the maps (BCC tables faked: the layout of bpf/softirq.c's values) -----------------
 
-class FakeStat:
-    def __init__(self, ns=0, entries=0, lat_ns=0, hist=None):
-        self.ns, self.entries, self.raised, self.lat_ns = ns, entries, 0, lat_ns
-        self.hist = [0] * HIST_SLOTS
-        for slot, n in (hist or {}).items():
-            self.hist[slot] = n
-        self.lat_count = sum(self.hist)
+def stat(ns=0, entries=0, lat_ns=0, hist=None) -> Struct:
+    """One CPU's struct softirq_stat value of softirq_vec."""
+    slots = [0] * HIST_SLOTS
+    for slot, n in (hist or {}).items():
+        slots[slot] = n
+    return Struct(ns=ns, entries=entries, raised=0, lat_ns=lat_ns, hist=slots, lat_count=sum(slots))
 
 
-class FakeArray:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def Key(self, i):
-        return i
-
-    def __getitem__(self, key):
-        return self.rows[key]
-
-
-class FakeHash:
-    def __init__(self, items):
-        self._items = items
-
-    def items(self):
-        return [(SimpleNamespace(name=k.encode()), SimpleNamespace(value=v)) for k, v in self._items.items()]
-
-
-def test_collect_bpf_maps(monkeypatch, tmp_path):
+def test_collect_bpf_maps(tmp_path):
     p = SoftirqProbe(cfg())
     p.names, p.nvec = {0: "TIMER", 1: "NET_RX"}, 2
     p.mode = p.modes[0]
-    tables = {
-        "softirq_vec": FakeArray({
-            0: [FakeStat(ns=10, entries=1, lat_ns=5, hist={3: 1}), FakeStat()],
-            1: [FakeStat(ns=100, entries=4, lat_ns=40, hist={9: 3, 12: 1}),
-                FakeStat(ns=7, entries=1, lat_ns=9, hist={9: 1})]}),
-        "softirq_napi": FakeHash({"eth0": 12, sq.NO_DEVICE: 3}),
-        "softirq_napi_over": FakeArray({0: [2, 3]}),
-    }
-    p.module = object()  # attached: bpf_active
-    monkeypatch.setattr(SoftirqProbe, "table", lambda self, name: tables[name])
+    p.module = FakeModule(  # attached: bpf_active
+        softirq_vec=FakePerCpuArray(2, {
+            0: [stat(ns=10, entries=1, lat_ns=5, hist={3: 1}), stat()],
+            1: [stat(ns=100, entries=4, lat_ns=40, hist={9: 3, 12: 1}),
+                stat(ns=7, entries=1, lat_ns=9, hist={9: 1})]}),
+        softirq_napi=FakeHash({Struct(name=b"eth0"): 12, Struct(name=sq.NO_DEVICE.encode()): 3}),
+        softirq_napi_over=FakePerCpuArray(1, {0: [2, 3]}))
     with paths.roots(proc_root=str(tmp_path), sys_root=str(tmp_path)):  # an empty node
         r = p.collect()
     c = r["counters"]
