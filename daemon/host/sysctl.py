@@ -29,3 +29,19 @@ def read_int(key: str) -> int | None:
         return int(value.split()[0])
     except (ValueError, IndexError):
         return None
+
+
+class Watched:
+    """A fixed set of sysctls that a probe reads in every collect() for its findings: read()
+    gives {key: int or None}, the same dict object while no value changes, so the readings
+    kept in the snapshot ring share one dict instead of a copy per snapshot."""
+
+    def __init__(self, keys) -> None:
+        self.keys = tuple(keys)
+        self._last: dict[str, int | None] = {}
+
+    def read(self) -> dict[str, int | None]:
+        values = {key: read_int(key) for key in self.keys}
+        if values != self._last:
+            self._last = values
+        return self._last

@@ -223,7 +223,8 @@ class ConntrackProbe(Probe):
         self.skipped_netns = 0
         self.multi = bool(getattr(config, "conntrack_all_netns", False))
         self._last_enum = 0.0
-        self._sysctls: dict[str, int | None] = {}
+        # read in collect, not in a finding (diagnose reads nothing)
+        self._sysctls = sysctl.Watched(findings.SYSCTLS)
 
     # -- selection ----------------------------------------------------------------
     def choose_mode(self, features):
@@ -326,7 +327,7 @@ class ConntrackProbe(Probe):
                 buckets[ino] = r["buckets"]
         counters: dict[str, dict] = {"stats": stats}
         info: dict[str, Any] = {"sources": {ino: s.source for ino, s in self.sources.items()},
-                                "sysctls": self._read_sysctls()}
+                                "sysctls": self._sysctls.read()}
         if self.mode.name == "correlated" and "drops" in (inputs or {}):
             counters["netfilter_drops"] = {(): reason_total(inputs["drops"], "NETFILTER_DROP")}
         if self.mode.name == "kprobe" and self.module is not None:
@@ -382,13 +383,6 @@ class ConntrackProbe(Probe):
                 "all_netns": self.multi,
                 "sources": sorted({s.source for s in self.sources.values()})}
 
-    def _read_sysctls(self) -> dict[str, int | None]:
-        """The sysctls the findings' advice reads (findings.SYSCTLS), read here so that diagnose
-        reads nothing; the same dict object while they do not change."""
-        values = {key: sysctl.read_int(key) for key in findings.SYSCTLS}
-        if values != self._sysctls:
-            self._sysctls = values
-        return self._sysctls
 
     # -- findings ---------------------------------------------------------------------
     def diagnose(self, window: Window) -> list[Finding]:

@@ -85,7 +85,8 @@ class DropsProbe(Probe):
         self.name_source = ""
         self.max_reason = 1
         self.kallsyms = KallsymsResolver(paths.proc("kallsyms"))
-        self._sysctls: dict[str, int | None] = {}
+        # read in collect, not in a finding (diagnose reads nothing)
+        self._sysctls = sysctl.Watched(findings.SYSCTLS)
 
     def cflags(self, features) -> list[str]:
         if self.mode is not None and self.mode.name == "tracepoint":
@@ -130,15 +131,8 @@ class DropsProbe(Probe):
             for key, value in self.table("drops_locs").items():
                 locations[(int(key.location), reason_name(self.names, key.reason))] = int(value.value)
         return {"counters": {"drops": drops, "locations": locations}, "gauges": {},
-                "info": {"sysctls": self._read_sysctls()}}
+                "info": {"sysctls": self._sysctls.read()}}
 
-    def _read_sysctls(self) -> dict[str, int | None]:
-        """The sysctls the findings show (findings.SYSCTLS), read here so that diagnose reads
-        nothing; the same dict object while they do not change (readings stay small in the ring)."""
-        values = {key: sysctl.read_int(key) for key in findings.SYSCTLS}
-        if values != self._sysctls:
-            self._sysctls = values
-        return self._sysctls
 
     def metrics(self, reading: Reading) -> Iterable:
         fam = CounterMetricFamily(

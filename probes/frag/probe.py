@@ -82,6 +82,7 @@ class FragProbe(Probe):
         super().__init__(config)
         self.files: SnmpFiles | None = None
         self._sockstat: dict[str, Any] = {}  # family -> held /proc/thread-self/net/sockstat(6)
+        self._sysctls = sysctl.Watched(SYSCTLS)  # read in collect, quoted by the findings
 
     def attach(self, module) -> None:
         self.module = module
@@ -117,7 +118,7 @@ class FragProbe(Probe):
             if value is not None:
                 memory[(family,)] = value
         # read here, not in a finding: frag.reassembly_failures quotes them (None: unreadable)
-        info: dict[str, Any] = {"sysctls": {key: sysctl.read_int(key) for key in SYSCTLS}}
+        info: dict[str, Any] = {"sysctls": self._sysctls.read()}
         if "mtu" in (inputs or {}):
             info["mtu_links"] = list(inputs["mtu"].get("info", {}).get("own_links", []))
         return {"counters": counters, "gauges": {"frag_memory": memory}, "info": info}

@@ -141,3 +141,16 @@ def test_perf_paranoid_hint_is_empty_where_it_is_not_the_cause(proc_copy):
     assert perf_paranoid_hint() == ""
     (proc_copy / "4242" / "status").unlink()
     assert perf_paranoid_hint() == ""
+
+
+def test_watched_sysctls_share_one_dict_until_a_value_changes(tmp_path):
+    tree = tmp_path / "proc"
+    shutil.copytree(PROC, tree, symlinks=True)
+    with paths.roots(proc_root=str(tree)):
+        w = sysctl.Watched(["net.core.somaxconn", "net.no.such"])
+        first = w.read()
+        assert first == {"net.core.somaxconn": 4096, "net.no.such": None}
+        assert w.read() is first  # unchanged: the same object (the ring keeps one)
+        (tree / "sys" / "net" / "core" / "somaxconn").write_text("128\n")
+        second = w.read()
+        assert second == {"net.core.somaxconn": 128, "net.no.such": None} and second is not first
